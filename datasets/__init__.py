@@ -1,0 +1,1 @@
+"""TFDS builders of the datasets lcseg trains on, one package per dataset."""

@@ -1,0 +1,1 @@
+"""Synthetic land-cover scenes (no download needed)."""

@@ -1,0 +1,1 @@
+"""lcseg: land-cover segmentation in JAX/Flax."""

@@ -1,0 +1,116 @@
+"""Everything Orbax, behind one small interface.
+
+A checkpoint holds the train state (params, batch_stats, optimizer state, step, rng)
+and, for training, the grain iterator's position. Two are kept: the latest (so a run
+resumes where it stopped) and the best by validation mIoU. Orbax's ``max_to_keep`` with
+``best_fn`` would delete the *newest* checkpoint whenever its metric is worse, breaking
+resume; the preservation policy below keeps both instead.
+
+Saving is asynchronous; ``wait()`` blocks until the last save is on disk and re-raises
+any failure of a background save, so a failed save is never silent. Orbax writes each
+checkpoint into a temporary folder and renames it when complete: a crash mid-save
+leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+BEST_METRIC = "miou"
+
+
+class Checkpointer:
+    """Saves and restores lcseg checkpoints in ``directory``."""
+
+    def __init__(self, directory: str, *, read_only: bool = False):
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+        policy = checkpoint_managers.AnyPreservationPolicy([
+            checkpoint_managers.LatestN(n=1),
+            checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                                      n=1, keep_checkpoints_without_metrics=False),
+        ])
+        # best_fn makes Orbax write the metrics with each checkpoint and rank by them.
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, best_fn=lambda metrics: metrics[BEST_METRIC],
+            best_mode="max", create=not read_only, read_only=read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the highest saved validation mIoU, or None if none has metrics."""
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def resolve_step(self, which: str | int) -> int:
+        """``'latest'``, ``'best'`` or a step number -> an existing step (clear errors)."""
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}: train first, or check "
+                                    "--workdir.")
+        if which == "latest":
+            return self.latest_step()
+        if which == "best":
+            step = self.best_step()
+            if step is None:
+                raise FileNotFoundError(f"No checkpoint in {self.directory} has validation "
+                                        f"metrics; available steps: {steps}")
+            return step
+        try:
+            step = int(which)
+        except ValueError:
+            raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got "
+                             f"{which!r}") from None
+        if step not in steps:
+            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; "
+                                    f"available: {steps}")
+        return step
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None,
+             *, metrics: dict[str, float] | None = None) -> None:
+        """Starts saving ``state`` (and the iterator position) at ``step`` in the background.
+
+        Args:
+          step: training step the state has reached.
+          state: the train state pytree.
+          data_iterator: training iterator whose position to save with it.
+          metrics: validation metrics of this state (``miou`` ranks the best checkpoint).
+        """
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def restore(self, step: int, target: Any,
+                data_iterator: grain.DatasetIterator | None = None) -> Any:
+        """Restores the state of ``step`` onto ``target``'s shapes, dtypes and shardings.
+
+        ``target`` may be abstract (``jax.ShapeDtypeStruct`` leaves with shardings), which
+        is how a checkpoint written on N devices is restored on M. If ``data_iterator`` is
+        given, its position is restored in place.
+        """
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if hasattr(x, "shape") else x, target)
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if data_iterator is not None:
+            items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def wait(self) -> None:
+        """Blocks until pending saves finish; raises if a background save failed."""
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,109 @@
+"""Prepared datasets as random-access sequences of examples, without TensorFlow.
+
+``open_split(name, split, data_dir)`` is the one way lcseg reads a dataset: it prepares
+the dataset if needed (the synthetic one always can; the real ones need their
+downloaded archives in ``manual_dir``), then returns a sequence whose items are
+
+    {'image': uint8 HxWx3, 'label': uint8 HxW, 'id': str, ...dataset extras}
+
+backed by a TFDS ArrayRecord data source (random access, picklable for grain workers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lcseg.data.metadata import DatasetMetadata, get_metadata
+from lcseg.data.tfds_builder import TRAIN_COUNTS_KEY
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    meta = get_metadata(name)
+    # None means the TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    return meta.builder_class()(data_dir=os.path.expanduser(data_dir) if data_dir else None)
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None
+            ) -> tfds.core.DatasetBuilder:
+    """Prepares dataset ``name`` in ``data_dir`` unless it is already there.
+
+    Args:
+      name: dataset registry name (``lcseg.data.DATASETS``).
+      data_dir: TFDS data directory; None for the TFDS default.
+      manual_dir: folder holding the downloaded archives (real datasets only).
+
+    Returns:
+      The prepared builder.
+    """
+    meta = get_metadata(name)
+    builder = _builder(name, data_dir)
+    if builder.is_prepared():
+        return builder
+    if meta.needs_manual_dir and not manual_dir:
+        raise FileNotFoundError(
+            f"Dataset {name!r} is not prepared in {builder.data_dir!s}. Download its archives "
+            f"(see datasets/{name}/README.md), then run `python -m lcseg.prepare {name} "
+            f"--manual_dir DOWNLOADS --data_dir DATA_DIR` or set config.dataset.manual_dir.")
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
+    # TFDS writes into a temporary folder and renames it when complete, so an
+    # interrupted preparation never leaves a half-written dataset behind.
+    builder.download_and_prepare(download_config=download_config)
+    return builder
+
+
+class ExampleSource(Sequence):
+    """Random-access examples of one split, decoded to numpy (``image``, ``label``, ``id``)."""
+
+    def __init__(self, data_source: Sequence, metadata: DatasetMetadata, split: str):
+        self._data_source = data_source
+        self.metadata = metadata
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self._data_source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._data_source[index]
+        example = {key: (value.decode() if isinstance(value, bytes) else value)
+                   for key, value in record.items()}
+        example["label"] = np.asarray(example["label"])[..., 0]
+        return example
+
+    def __repr__(self) -> str:
+        return f"ExampleSource({self.metadata.name}/{self.split}, {len(self)} examples)"
+
+
+def open_split(name: str, split: str, data_dir: str | None = None, *,
+               manual_dir: str | None = None) -> ExampleSource:
+    """Returns the examples of ``split`` of dataset ``name``, preparing it if needed.
+
+    Args:
+      name: dataset registry name, e.g. ``'synthetic'``.
+      split: split name, e.g. ``'train'``, ``'validation'``, ``'test'``.
+      data_dir: TFDS data directory; None for the TFDS default.
+      manual_dir: downloaded archives, used only if the dataset must be prepared.
+
+    Returns:
+      A sequence of ``{'image': uint8 HxWx3, 'label': uint8 HxW, 'id': str, ...}``.
+    """
+    builder = prepare(name, data_dir, manual_dir)
+    splits = builder.info.splits
+    if split not in splits:
+        raise ValueError(f"Dataset {name!r} has no split {split!r}; available: {sorted(splits)}")
+    return ExampleSource(builder.as_data_source(split=split), get_metadata(name), split)
+
+
+def train_class_counts(name: str, data_dir: str | None = None) -> np.ndarray:
+    """Per-class label pixel counts of the training split, recorded at preparation."""
+    builder = _builder(name, data_dir)
+    counts = builder.info.metadata.get(TRAIN_COUNTS_KEY) if builder.info.metadata else None
+    if counts is None:
+        raise ValueError(f"Dataset {name!r} in {builder.data_dir!s} records no class counts; "
+                         "prepare it again with this version of lcseg.")
+    return np.asarray(counts, np.int64)

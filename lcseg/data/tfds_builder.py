@@ -1,0 +1,86 @@
+"""The shared base of lcseg's TFDS builders.
+
+Every builder writes the same features, so that ``lcseg.data.open_split`` reads every
+dataset the same way:
+
+* ``image``: RGB uint8, stored as lossless PNG (no TensorFlow needed: TFDS encodes
+  bytes we hand it and decodes with Pillow);
+* ``label``: evaluated-class indices ``0..C-1``, ignore label elsewhere, PNG;
+* ``id``: the example's identifier in its source dataset.
+
+The base class also records per-class pixel counts of the training split in the
+dataset info (``info.metadata['class_pixel_counts']``), which class weighting reads.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from lcseg.data.metadata import DatasetMetadata
+
+TRAIN_COUNTS_KEY = "class_pixel_counts"
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Encodes an HxW or HxWx3 uint8 array as PNG bytes (lossless)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(
+        buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+class LandCoverBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base class: common features, PNG encoding and training class statistics.
+
+    Subclasses set ``METADATA`` and ``VERSION``, implement ``_split_generators`` returning, for
+    each split, ``self._encoded(split, examples)`` where ``examples`` yields
+    ``(key, example)`` pairs whose ``image`` and ``label`` are numpy arrays.
+    """
+
+    METADATA: DatasetMetadata
+    # Extra features a dataset adds to the common three (e.g. LoveDA's domain).
+    EXTRA_FEATURES: Mapping[str, tfds.features.FeatureConnector] = {}
+
+    def __init__(self, **kwargs: Any):
+        # Array records are what tfds data sources read without TensorFlow.
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                "id": tfds.features.Text(),
+                **self.EXTRA_FEATURES,
+            }),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _encoded(
+        self, split: str, examples: Iterator[tuple[str, dict[str, Any]]]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Encodes examples' numpy image/label arrays as PNG; counts classes of "train".
+
+        Every ``_split_generators`` entry goes through here. The training split's counts
+        land in the dataset info, which TFDS writes when preparation finishes.
+        """
+        counts = np.zeros(self.METADATA.num_classes, np.int64)
+        for key, example in examples:
+            if split == "train":
+                counts += np.bincount(example["label"].ravel(), minlength=256)[: len(counts)]
+            encoded = dict(example)
+            for field in ("image", "label"):
+                if isinstance(encoded[field], np.ndarray):
+                    encoded[field] = encode_png(encoded[field])
+            yield key, encoded
+        if split == "train":
+            self.info.metadata[TRAIN_COUNTS_KEY] = counts.tolist()

@@ -1,0 +1,445 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+
+Reads top-down: writers, data, model and state, restore, compiled steps, then the loop
+with its periodic actions (logging, evaluation, checkpointing). ``train_step`` and
+``eval_step`` are pure functions of the state and a batch; under ``jax.jit`` with a
+sharded batch they run data-parallel on every device of every host.
+"""
+
+# No `from __future__ import annotations`: clu's Collection reads real annotations.
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from clu import metrics as clu_metrics
+from flax.training import train_state
+
+from lcseg import checkpoints, losses, parallel
+from lcseg.class_weights import compute_class_weights
+from lcseg.data import get_metadata, open_split, pipeline, prepare, train_class_counts
+from lcseg.data.metadata import DatasetMetadata
+from lcseg.metrics import ConfusionMatrix, scores_from_confusion
+from lcseg.models import create_model
+from lcseg.visualize import comparison_panels
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus BatchNorm statistics and the run's base random key."""
+
+    batch_stats: Any
+    rng: jax.Array
+
+
+@flax.struct.dataclass
+class PixelWeightedLoss(clu_metrics.Average):
+    """Mean loss over counted pixels: batches weigh by their number of labelled pixels."""
+
+    @classmethod
+    def from_model_output(cls, *, loss: jax.Array, counted: jax.Array,
+                          **_: Any) -> "PixelWeightedLoss":
+        return cls(total=loss * counted, count=counted)
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+    loss: PixelWeightedLoss
+    confusion: ConfusionMatrix
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks: model, optimizer, state.
+# ---------------------------------------------------------------------------------------
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    return create_model(**config.model, num_classes=num_classes, dtype=compute_dtype(config))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate as a pure function of the step (so resuming is exact)."""
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=config.learning_rate,
+            warmup_steps=config.warmup_steps, decay_steps=max(config.num_train_steps, 1),
+            end_value=0.01 * config.learning_rate)
+    raise ValueError(f"Unknown config.schedule {config.schedule!r}; valid: 'constant', 'cosine'")
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(config)
+    if config.optimizer == "adam":
+        return optax.adam(schedule)
+    if config.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=config.weight_decay)
+    raise ValueError(f"Unknown config.optimizer {config.optimizer!r}; valid: 'adam', 'adamw'")
+
+
+def create_train_state(config: ml_collections.ConfigDict, model, mesh) -> TrainState:
+    """Initialises parameters directly into their (replicated) shardings."""
+    rng = jax.random.key(config.seed)
+    size = config.crop_size
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        variables = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32),
+                               train=False)
+        return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                 tx=build_optimizer(config),
+                                 batch_stats=variables.get("batch_stats", {}), rng=state_rng)
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model, mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without computing it (for restoring)."""
+    state = jax.eval_shape(functools.partial(create_train_state, config, model, mesh))
+    replicated = parallel.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        state)
+
+
+# ---------------------------------------------------------------------------------------
+# Steps (pure functions, jitted in train_and_evaluate).
+# ---------------------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               loss_fn: Callable, mean: tuple, std: tuple, dtype: jnp.dtype
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a (global, sharded) batch; returns the new state and metrics."""
+    images = pipeline.normalize_images(batch["image"], mean, std, dtype)
+    labels = batch["label"].astype(jnp.int32)
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        total, components = loss_fn(logits.astype(jnp.float32), labels)
+        return total, (components, updates["batch_stats"])
+
+    (loss, (components, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    grad_norm = optax.global_norm(grads)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               **{f"loss/{name}": value for name, value in components.items()}}
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
+              mean: tuple, std: tuple, dtype: jnp.dtype, num_classes: int) -> EvalMetrics:
+    """Loss (weighted by counted pixels) and confusion matrix of one batch."""
+    images = pipeline.normalize_images(batch["image"], mean, std, dtype)
+    labels = batch["label"].astype(jnp.int32)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            images, train=False).astype(jnp.float32)
+    loss, _ = loss_fn(logits, labels)
+    counted = jnp.sum((labels >= 0) & (labels < num_classes)).astype(jnp.float32)
+    return EvalMetrics.single_from_model_output(
+        loss=loss, counted=counted, labels=labels, predictions=jnp.argmax(logits, axis=-1),
+        num_classes=num_classes)
+
+
+def predict_step(state: TrainState, images: jax.Array, *, mean: tuple, std: tuple,
+                 dtype: jnp.dtype) -> jax.Array:
+    """Class indices ``[N, H, W]`` for uint8 images."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            pipeline.normalize_images(images, mean, std, dtype), train=False)
+    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation loop (shared by training and lcseg.evaluate).
+# ---------------------------------------------------------------------------------------
+
+
+def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
+             *, mesh, empty_batch: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
+    """Runs ``eval_fn`` over all batches (all processes in step) and returns the scores.
+
+    Processes may hold different numbers of batches; one that runs out feeds all-ignored
+    batches until every process is done, since each step is a collective computation.
+    """
+    merged = None
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if not parallel.any_process_true(batch is not None):
+            break
+        step_metrics = eval_fn(state, parallel.shard_batch(
+            batch if batch is not None else empty_batch, mesh))
+        # Merging on host accumulates the confusion matrix in int64.
+        step_metrics = jax.device_get(step_metrics)
+        merged = step_metrics if merged is None else merged.merge(step_metrics)
+    if merged is None:
+        raise ValueError("The evaluation split is empty.")
+    matrix = merged.confusion.compute()
+    return {"loss": float(merged.loss.compute()), "confusion_matrix": matrix,
+            **scores_from_confusion(matrix)}
+
+
+def scalar_summaries(scores: dict[str, Any], metadata: DatasetMetadata,
+                     prefix: str) -> dict[str, float]:
+    """Flattens scores to ``{prefix/miou, prefix/iou/<class>, ...}`` for the writer."""
+    summary = {f"{prefix}/{key}": scores[key]
+               for key in ("loss", "miou", "accuracy", "mean_accuracy", "fwiou", "mean_f1")}
+    for key in ("iou", "f1", "precision", "recall"):
+        for name, value in zip(metadata.class_names, scores[key]):
+            summary[f"{prefix}/{key}/{name}"] = float(value)
+    return summary
+
+
+def format_scores_table(scores: dict[str, Any], metadata: DatasetMetadata) -> str:
+    """A per-class table for logs and the terminal."""
+    lines = [f"{'class':<20}{'IoU':>8}{'F1':>8}{'prec.':>8}{'recall':>8}"]
+    for index, name in enumerate(metadata.class_names):
+        lines.append(f"{name:<20}" + "".join(
+            f"{scores[key][index]:>8.4f}" for key in ("iou", "f1", "precision", "recall")))
+    lines.append(f"{'mean':<20}{scores['miou']:>8.4f}{scores['mean_f1']:>8.4f}")
+    lines.append(f"pixel accuracy {scores['accuracy']:.4f}, mean accuracy "
+                 f"{scores['mean_accuracy']:.4f}, frequency-weighted IoU {scores['fwiou']:.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Wiring shared by training, evaluation and prediction.
+# ---------------------------------------------------------------------------------------
+
+
+class Experiment:
+    """Model, loss and compiled steps of a config, on the current devices."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, class_weights=None):
+        self.config = config
+        self.metadata = get_metadata(config.dataset.name)
+        self.mesh = parallel.make_mesh()
+        self.model = build_model(config, self.metadata.num_classes)
+        self.loss_fn = losses.make_loss_fn(
+            config.loss, num_classes=self.metadata.num_classes,
+            ignore_label=self.metadata.ignore_label, class_weights=class_weights)
+        normalisation = dict(mean=tuple(config.dataset.mean), std=tuple(config.dataset.std),
+                             dtype=compute_dtype(config))
+        replicated = parallel.replicated(self.mesh)
+        batch = parallel.batch_sharding(self.mesh)
+        # Donating the old state lets XLA update parameters in place (half the memory).
+        self.train_step = jax.jit(
+            functools.partial(train_step, loss_fn=self.loss_fn, **normalisation),
+            in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
+            donate_argnums=0)
+        self.eval_step = jax.jit(
+            functools.partial(eval_step, loss_fn=self.loss_fn,
+                              num_classes=self.metadata.num_classes, **normalisation),
+            in_shardings=(replicated, batch), out_shardings=replicated)
+        self.predict_step = jax.jit(functools.partial(predict_step, **normalisation),
+                                    in_shardings=(replicated, batch), out_shardings=replicated)
+
+    def init_state(self) -> TrainState:
+        return create_train_state(self.config, self.model, self.mesh)
+
+    def abstract_state(self) -> TrainState:
+        return abstract_train_state(self.config, self.model, self.mesh)
+
+    def evaluate_split(self, state: TrainState, source) -> dict[str, Any]:
+        config = self.config
+        ignore = self.metadata.ignore_label
+        return evaluate(
+            self.eval_step, state,
+            pipeline.eval_batches(source, batch_size=config.eval_batch_size,
+                                  tile_size=config.eval_tile_size, ignore_label=ignore),
+            mesh=self.mesh, num_classes=self.metadata.num_classes,
+            empty_batch=pipeline.empty_batch(config.eval_batch_size, config.eval_tile_size,
+                                             ignore))
+
+    def predict_panels(self, state: TrainState, examples: list[dict[str, Any]]) -> np.ndarray:
+        """``image | truth | prediction`` panels of examples' top-left eval tiles."""
+        tile = self.config.eval_tile_size
+        tiles = [next(pipeline.image_tiles(e["image"], e["label"], tile,
+                                           self.metadata.ignore_label)) for e in examples]
+        images = np.stack([t[0] for t in tiles])
+        labels = np.stack([t[1] for t in tiles])
+        # Every process holds the same panel batch; pad it to a multiple of the devices.
+        padded = -len(images) % jax.device_count()
+        batch = np.concatenate([images, np.zeros((padded, *images.shape[1:]), np.uint8)])
+        predictions = np.asarray(self.predict_step(
+            state, jax.device_put(batch, parallel.batch_sharding(self.mesh))))[:len(images)]
+        return comparison_panels(images, labels, predictions, self.metadata)
+
+
+def resolve_class_weights(config: ml_collections.ConfigDict) -> np.ndarray | None:
+    """Class weights from the config's scheme and the dataset's training class counts."""
+    scheme = config.class_weights
+    if isinstance(scheme, str) and scheme == "none":
+        return None
+    counts = train_class_counts(config.dataset.name, config.dataset.data_dir)
+    return compute_class_weights(scheme if isinstance(scheme, str) else list(scheme), counts)
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the config next to the checkpoints (evaluate / predict read it back)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        f.write(config.to_json(indent=2))
+    os.replace(temporary, path)  # Never a half-written config.
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop.
+# ---------------------------------------------------------------------------------------
+
+
+def _check_finite(metrics: dict[str, float], step: int, last_saved: int | None,
+                  workdir: str) -> None:
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        where = (f"the last good checkpoint (step {last_saved}) is intact in "
+                 f"{os.path.join(workdir, CHECKPOINT_DIR)}" if last_saved is not None
+                 else "no checkpoint was written")
+        raise FloatingPointError(
+            f"Training diverged: loss={metrics['loss']}, grad_norm={metrics['grad_norm']} "
+            f"around step {step}; {where}. Lower config.learning_rate, add warmup, or check "
+            f"the data.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
+
+    Args:
+      config: an experiment config (configs/default.py documents every field).
+      workdir: where TensorBoard events, checkpoints and the config go.
+
+    Returns:
+      The final train state.
+    """
+    parallel.initialize_multihost(config.multihost)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    main_process = parallel.is_main_process()
+    if main_process:
+        os.makedirs(workdir, exist_ok=True)
+        save_config(config, workdir)
+    writer = metric_writers.create_default_writer(workdir, just_logging=not main_process)
+    logging.info("Devices: %d (%s), processes: %d", jax.device_count(),
+                 jax.devices()[0].platform, jax.process_count())
+
+    # --- Data -------------------------------------------------------------------------
+    dataset = config.dataset
+    if main_process:  # One process prepares; the others wait and then read.
+        prepare(dataset.name, dataset.data_dir, dataset.manual_dir)
+    parallel.sync("dataset_prepared")
+    train_source = open_split(dataset.name, dataset.train_split, dataset.data_dir)
+    eval_source = open_split(dataset.name, dataset.eval_split, dataset.data_dir)
+    train_iter = pipeline.train_iterator(
+        train_source, batch_size=config.batch_size, crop_size=config.crop_size,
+        seed=config.seed, workers=config.data.workers)
+    panel_examples = [eval_source[i] for i in range(min(config.num_panel_images,
+                                                        len(eval_source)))]
+
+    # --- Model and state ---------------------------------------------------------------
+    class_weights = resolve_class_weights(config)
+    if class_weights is not None:
+        logging.info("Class weights (%s): %s", config.class_weights,
+                     dict(zip(get_metadata(dataset.name).class_names, class_weights.round(4))))
+    experiment = Experiment(config, class_weights=class_weights)
+    parallel.local_batch_size(config.batch_size)  # Fail early on an indivisible batch.
+    state = experiment.init_state()
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("Model %s: %s parameters", config.model.name, f"{num_params:,}")
+
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+    last_saved = checkpointer.latest_step()
+    if last_saved is not None:
+        logging.info("Resuming from the checkpoint of step %d", last_saved)
+        state = checkpointer.restore(last_saved, state, train_iter)
+    initial_step = int(state.step)
+    if initial_step == 0 and main_process:
+        hparams = {k: str(v) if isinstance(v, (list, tuple)) else v
+                   for k, v in _flatten(config.to_dict()).items() if v is not None}
+        writer.write_hparams(hparams)
+
+    # --- Loop ---------------------------------------------------------------------------
+    schedule = learning_rate_schedule(config)
+    report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                                      writer=writer)
+    step_metrics, input_wait = [], 0.0
+    with metric_writers.ensure_flushes(writer):
+        for step in range(initial_step + 1, config.num_train_steps + 1):
+            is_last = step == config.num_train_steps
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                wait_start = time.perf_counter()
+                batch = next(train_iter)
+                input_wait += time.perf_counter() - wait_start
+                state, metrics = experiment.train_step(
+                    state, parallel.shard_batch(batch, experiment.mesh))
+                step_metrics.append(metrics)
+            report_progress(step, time.perf_counter())
+
+            do_eval = step % config.eval_every_steps == 0 or is_last
+            do_save = do_eval or step % config.checkpoint_every_steps == 0
+            if step % config.log_every_steps == 0 or do_save:
+                averaged = {k: float(np.mean(v)) for k, v in
+                            jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
+                                                        *step_metrics)).items()}
+                _check_finite(averaged, step, last_saved, workdir)
+                averaged["learning_rate"] = float(schedule(step - 1))
+                # Seconds per step spent waiting for the input pipeline: when this
+                # approaches the step time, the loader is the bottleneck.
+                averaged["input_wait_seconds"] = input_wait / len(step_metrics)
+                writer.write_scalars(step, {f"train/{k}": v for k, v in averaged.items()})
+                step_metrics, input_wait = [], 0.0
+
+            eval_scores = None
+            if do_eval:
+                with report_progress.timed("eval"):
+                    eval_scores = experiment.evaluate_split(state, eval_source)
+                writer.write_scalars(step, scalar_summaries(eval_scores, experiment.metadata,
+                                                            "eval"))
+                writer.write_images(step, {"eval/panels": experiment.predict_panels(
+                    state, panel_examples)})
+                logging.info("Step %d, %s:\n%s", step, dataset.eval_split,
+                             format_scores_table(eval_scores, experiment.metadata))
+            if do_save:
+                with report_progress.timed("checkpoint"):
+                    checkpointer.save(step, state, train_iter, metrics=(
+                        {checkpoints.BEST_METRIC: eval_scores["miou"]} if eval_scores else None))
+                    last_saved = step
+    checkpointer.wait()
+    checkpointer.close()
+    return state
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
