@@ -16,10 +16,10 @@ def get_config():
     config.eval_tile_size = 128
     config.learning_rate = 3e-3
     config.warmup_steps = 50
-    config.num_train_steps = 1500
+    config.num_train_steps = 1000
     config.log_every_steps = 50
-    config.eval_every_steps = 500
-    config.checkpoint_every_steps = 500
+    config.eval_every_steps = 250
+    config.checkpoint_every_steps = 250
     # XLA's CPU convolutions are slow in bfloat16 (no AMX path): float32 on CPU.
     config.half_precision = False
     return config

@@ -39,19 +39,25 @@ def initialize_multihost(enabled: bool | None = None) -> None:
     if enabled is None:
         enabled = _cluster_job_detected()
     if enabled and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        env = os.environ
+        # SLURM and Open MPI are detected by JAX itself; a plain launcher sets
+        # JAX_COORDINATOR_ADDRESS (read by JAX) plus these two (read here).
+        jax.distributed.initialize(
+            num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
+            process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
         logging.info("Multi-host: process %d of %d, %d local / %d global devices",
                      jax.process_index(), jax.process_count(), jax.local_device_count(),
                      jax.device_count())
 
 
-def make_mesh() -> Mesh:
-    """A 1-D ``('data',)`` mesh over all devices of all processes.
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``('data',)`` mesh over ``devices`` (default: all devices of all processes).
 
     Auto axis types: under the Explicit default, ``jnp.bincount`` (the confusion matrix)
     on a sharded batch raises a ShardingTypeError.
     """
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,))
 
 

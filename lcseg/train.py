@@ -230,10 +230,10 @@ def format_scores_table(scores: dict[str, Any], metadata: DatasetMetadata) -> st
 class Experiment:
     """Model, loss and compiled steps of a config, on the current devices."""
 
-    def __init__(self, config: ml_collections.ConfigDict, *, class_weights=None):
+    def __init__(self, config: ml_collections.ConfigDict, *, class_weights=None, mesh=None):
         self.config = config
         self.metadata = get_metadata(config.dataset.name)
-        self.mesh = parallel.make_mesh()
+        self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.model = build_model(config, self.metadata.num_classes)
         self.loss_fn = losses.make_loss_fn(
             config.loss, num_classes=self.metadata.num_classes,
@@ -279,7 +279,7 @@ class Experiment:
         images = np.stack([t[0] for t in tiles])
         labels = np.stack([t[1] for t in tiles])
         # Every process holds the same panel batch; pad it to a multiple of the devices.
-        padded = -len(images) % jax.device_count()
+        padded = -len(images) % self.mesh.size
         batch = np.concatenate([images, np.zeros((padded, *images.shape[1:]), np.uint8)])
         predictions = np.asarray(self.predict_step(
             state, jax.device_put(batch, parallel.batch_sharding(self.mesh))))[:len(images)]

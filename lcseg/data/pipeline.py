@@ -1,10 +1,11 @@
 """The grain input pipeline: training batches of random crops, evaluation batches of tiles.
 
-Training (per process): its shard of the examples, a seeded shuffle that changes every
-epoch, a random crop to ``crop_size`` (padded with the ignore label when an image is
-smaller), random flips, batches of ``batch_size / process_count``, optionally prepared in
-``workers`` worker processes. The iterator's state is checkpointed, so a resumed run
-sees exactly the batches an uninterrupted one would.
+Training: one global, seeded stream of examples (a shuffle that changes every epoch, a
+random crop to ``crop_size``, padded with the ignore label when an image is smaller, and
+random flips), of which each process reads its share in batches of
+``batch_size / process_count``, optionally prepared in ``workers`` worker processes. The
+iterator's state is checkpointed, so a resumed run sees exactly the batches an
+uninterrupted one would.
 
 Evaluation covers every pixel exactly once: each image is cut into non-overlapping
 ``tile_size`` tiles (edges padded with the ignore label, which metrics skip), and the last
@@ -80,10 +81,13 @@ def train_iterator(source: Sequence[dict[str, Any]], *, batch_size: int, crop_si
         raise ValueError(f"config.batch_size={batch_size} is not divisible by the "
                          f"{process_count} processes.")
     dataset = grain.MapDataset.source(source).seed(seed)
-    dataset = dataset[jax.process_index()::process_count]
     # Shuffle before repeat: grain draws a new permutation for every epoch.
     dataset = dataset.shuffle().repeat()
     dataset = dataset.random_map(RandomCropFlip(crop_size, ignore_label))
+    # Each process takes every process_count-th element of the one global stream (lazily:
+    # it reads only its own). Global batch k then holds the same examples, with the same
+    # crops, whatever the number of processes, so results do not depend on the cluster.
+    dataset = dataset[jax.process_index()::process_count]
     dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
     iter_dataset = dataset.to_iter_dataset()
     if workers > 0:

@@ -69,7 +69,10 @@ class ExampleSource(Sequence):
         return len(self._data_source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self._data_source[index]
+        if not -len(self) <= index < len(self):
+            # array_record raises ValueError; Python's iteration protocol needs IndexError.
+            raise IndexError(f"index {index} out of range for {self!r}")
+        record = self._data_source[index % len(self)]
         example = {key: (value.decode() if isinstance(value, bytes) else value)
                    for key, value in record.items()}
         example["label"] = np.asarray(example["label"])[..., 0]
@@ -93,10 +96,12 @@ def open_split(name: str, split: str, data_dir: str | None = None, *,
       A sequence of ``{'image': uint8 HxWx3, 'label': uint8 HxW, 'id': str, ...}``.
     """
     builder = prepare(name, data_dir, manual_dir)
-    splits = builder.info.splits
-    if split not in splits:
-        raise ValueError(f"Dataset {name!r} has no split {split!r}; available: {sorted(splits)}")
-    return ExampleSource(builder.as_data_source(split=split), get_metadata(name), split)
+    aliases = getattr(builder, "SPLIT_ALIASES", {})
+    available = sorted({*builder.info.splits.keys(), *aliases})
+    if split not in available:
+        raise ValueError(f"Dataset {name!r} has no split {split!r}; available: {available}")
+    data_source = builder.as_data_source(split=aliases.get(split, split))
+    return ExampleSource(data_source, get_metadata(name), split)
 
 
 def train_class_counts(name: str, data_dir: str | None = None) -> np.ndarray:

@@ -46,6 +46,14 @@ class LandCoverBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     METADATA: DatasetMetadata
     # Extra features a dataset adds to the common three (e.g. LoveDA's domain).
     EXTRA_FEATURES: Mapping[str, tfds.features.FeatureConnector] = {}
+    # Format of the stored image bytes: "jpeg" where a builder keeps the source's JPEG
+    # bytes unchanged (re-encoding photos losslessly as PNG triples their size).
+    IMAGE_ENCODING = "png"
+    # Splits whose label pixels are counted for class weighting (summed).
+    TRAIN_SPLITS: tuple[str, ...] = ("train",)
+    # Names that stand for a union of stored splits (TFDS split expressions), so a dataset
+    # need not store an example twice, e.g. {"train": "train_urban+train_rural"}.
+    SPLIT_ALIASES: Mapping[str, str] = {}
 
     def __init__(self, **kwargs: Any):
         # Array records are what tfds data sources read without TensorFlow.
@@ -57,7 +65,8 @@ class LandCoverBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             builder=self,
             description=self.__doc__,
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                "image": tfds.features.Image(shape=(None, None, 3),
+                                             encoding_format=self.IMAGE_ENCODING),
                 "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
                 "id": tfds.features.Text(),
                 **self.EXTRA_FEATURES,
@@ -68,19 +77,22 @@ class LandCoverBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _encoded(
         self, split: str, examples: Iterator[tuple[str, dict[str, Any]]]
     ) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Encodes examples' numpy image/label arrays as PNG; counts classes of "train".
+        """Encodes examples' numpy image/label arrays as PNG; counts training classes.
 
-        Every ``_split_generators`` entry goes through here. The training split's counts
-        land in the dataset info, which TFDS writes when preparation finishes.
+        Every ``_split_generators`` entry goes through here (encoded bytes pass through
+        unchanged). Label pixels of ``TRAIN_SPLITS`` are counted per class; the sum lands
+        in the dataset info, which TFDS writes when preparation finishes.
         """
+        counting = split in self.TRAIN_SPLITS
         counts = np.zeros(self.METADATA.num_classes, np.int64)
         for key, example in examples:
-            if split == "train":
+            if counting:
                 counts += np.bincount(example["label"].ravel(), minlength=256)[: len(counts)]
             encoded = dict(example)
             for field in ("image", "label"):
                 if isinstance(encoded[field], np.ndarray):
                     encoded[field] = encode_png(encoded[field])
             yield key, encoded
-        if split == "train":
-            self.info.metadata[TRAIN_COUNTS_KEY] = counts.tolist()
+        if counting:
+            previous = self.info.metadata.get(TRAIN_COUNTS_KEY, [0] * len(counts))
+            self.info.metadata[TRAIN_COUNTS_KEY] = (counts + np.asarray(previous)).tolist()

@@ -1,0 +1,1 @@
+"""DeepGlobe Land Cover Classification, from the Kaggle download (see README.md)."""

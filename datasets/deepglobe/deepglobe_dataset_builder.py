@@ -1,0 +1,361 @@
+"""DeepGlobe Land Cover Classification (CVPR 2018) as the TFDS dataset ``lcseg_deepglobe``.
+
+Reads the Kaggle download as it is (``deepglobe-land-cover-classification-dataset.zip``
+or ``archive.zip``, members read one at a time, nothing extracted) or its extracted
+folder, from ``manual_dir``. See ``datasets/deepglobe/README.md``.
+
+* Labels follow the challenge's rule: each mask channel is binarised at 128 and the
+  3-bit colour names the class; ``unknown`` (black) and pure red (no class) become the
+  ignore label 255.
+* Only the 803 ``train/`` images have masks. They are split into ``train`` /
+  ``validation`` / ``test`` by a hash of the image id (``split_of``): the same on every
+  machine and Python version, and independent of which other images are present. The
+  unlabelled ``valid/`` and ``test/`` images form the ``unlabelled`` split (labels 255).
+* Satellite images are stored as their original JPEG bytes (decoded once to check them):
+  lossless with respect to the download, and about 3.4x smaller than re-encoding the
+  decoded pixels as PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from lcseg.data.metadata import IGNORE_LABEL, get_metadata
+from lcseg.data.tfds_builder import LandCoverBuilder
+
+ARCHIVE_NAMES = ("deepglobe-land-cover-classification-dataset.zip", "archive.zip")
+METADATA_CSV = "metadata.csv"
+CLASS_DICT_CSV = "class_dict.csv"
+UNKNOWN_CLASS = ("unknown", (0, 0, 0))
+
+# The split of the 803 labelled images, fixed by VERSION 1.x (changing it changes the data):
+# bucket = first 8 bytes of sha256(id) as a big-endian integer, modulo 803; buckets below
+# 454 are train, below 454 + 207 validation, the rest test (GLNet's 454/207/142 proportions).
+SPLIT_MODULUS = 803
+SPLIT_BOUNDS = (("train", 454), ("validation", 454 + 207), ("test", SPLIT_MODULUS))
+LABELLED_SPLITS = tuple(name for name, _ in SPLIT_BOUNDS)
+UNLABELLED_SPLIT = "unlabelled"
+
+MANUAL_INSTRUCTIONS = f"""\
+Download the DeepGlobe Land Cover Classification dataset from Kaggle
+(kaggle datasets download balraj98/deepglobe-land-cover-classification-dataset) and put
+{ARCHIVE_NAMES[0]} (or archive.zip, its name when downloaded with the web button),
+or the folder it extracts to ({METADATA_CSV}, {CLASS_DICT_CSV}, train/, valid/, test/),
+into manual_dir. See datasets/deepglobe/README.md.
+"""
+
+
+def split_of(image_id: str) -> str:
+    """Returns the split (train, validation or test) of labelled image ``image_id``.
+
+    Args:
+      image_id: the id as in the file names and metadata.csv, e.g. ``'100694'``.
+
+    Returns:
+      ``'train'``, ``'validation'`` or ``'test'``.
+    """
+    digest = hashlib.sha256(image_id.encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % SPLIT_MODULUS
+    return next(name for name, bound in SPLIT_BOUNDS if bucket < bound)
+
+
+def _colour_code(rgb: np.ndarray) -> np.ndarray:
+    """The challenge's 3-bit code of each colour: channels binarised at 128, R is the high bit."""
+    bits = (np.asarray(rgb) >= 128).astype(np.uint8)
+    return 4 * bits[..., 0] + 2 * bits[..., 1] + bits[..., 2]
+
+
+def _code_table() -> np.ndarray:
+    """Lookup from 3-bit colour code to label: class index, or 255 (unknown, red)."""
+    meta = get_metadata("deepglobe")
+    table = np.full(8, IGNORE_LABEL, np.uint8)
+    for index, colour in enumerate(meta.palette):
+        table[_colour_code(np.array(colour))] = index
+    return table
+
+
+_CODE_TABLE = _code_table()
+
+
+def decode_mask(rgb: np.ndarray) -> np.ndarray:
+    """Decodes an HxWx3 colour-coded DeepGlobe mask into HxW uint8 labels (255 ignored)."""
+    return _CODE_TABLE[_colour_code(rgb)]
+
+
+class _Archive:
+    """The files of a download: a zip as downloaded, or the folder it was extracted to.
+
+    Names are '/'-separated paths relative to the zip root or the folder. Zip members are
+    read one at a time, so nothing is extracted to disk and memory holds one file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._zip: zipfile.ZipFile | None = None
+        if path.is_file():
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as error:
+                raise ValueError(
+                    f"{path} is not a readable zip archive ({error}): the download is "
+                    "probably incomplete or corrupt; download it again.") from error
+
+    def names(self) -> list[str]:
+        """All file names (no folders; macOS resource forks skipped)."""
+        if self._zip is not None:
+            names = [n for n in self._zip.namelist() if not n.endswith("/")]
+        else:
+            names = [p.relative_to(self.path).as_posix()
+                     for p in self.path.rglob("*") if p.is_file()]
+        return [n for n in names if not n.startswith("__MACOSX/")]
+
+    def where(self, name: str) -> str:
+        """How errors name a file: ``archive.zip!member`` or the file's path."""
+        return f"{self.path}!{name}" if self._zip is not None else str(self.path / name)
+
+    def read(self, name: str) -> bytes:
+        try:
+            if self._zip is not None:
+                return self._zip.read(name)
+            return (self.path / name).read_bytes()
+        except KeyError:
+            raise FileNotFoundError(f"{self.where(name)} does not exist.") from None
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            raise ValueError(f"{self.where(name)} cannot be read ({error}): the archive is "
+                             "corrupt; download it again.") from error
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def manual_dir_of(dl_manager: tfds.download.DownloadManager) -> Path:
+    """``dl_manager.manual_dir``, failing with a FileNotFoundError that says what to put there."""
+    try:
+        return Path(dl_manager.manual_dir)
+    except AssertionError as error:  # TFDS signals a missing/empty manual_dir this way.
+        raise FileNotFoundError(str(error)) from None
+
+
+def _find_source(manual_dir: Path) -> tuple[Path, str]:
+    """Returns (zip or folder, root prefix inside it) holding the dataset in ``manual_dir``."""
+    for archive_name in ARCHIVE_NAMES:
+        if (manual_dir / archive_name).is_file():
+            archive = _Archive(manual_dir / archive_name)
+            try:
+                names = archive.names()
+            finally:
+                archive.close()
+            # The root is the shallowest folder holding a csv or the train/ images.
+            marker = re.compile(r"^((?:[^/]+/)*?)(?:metadata\.csv|class_dict\.csv|train/[^/]+)$")
+            roots = sorted({m.group(1) for m in map(marker.match, names) if m}, key=len)
+            if not roots:
+                raise ValueError(
+                    f"{manual_dir / archive_name} holds no {METADATA_CSV}, {CLASS_DICT_CSV} or "
+                    "train/ folder: it is not the DeepGlobe Land Cover archive. "
+                    + MANUAL_INSTRUCTIONS)
+            return manual_dir / archive_name, roots[0]
+    for folder in [manual_dir, *sorted(p for p in manual_dir.iterdir() if p.is_dir())]:
+        if any((folder / marker).exists() for marker in (METADATA_CSV, CLASS_DICT_CSV, "train")):
+            return folder, ""
+    found = sorted(p.name for p in manual_dir.iterdir())[:20]
+    raise FileNotFoundError(
+        f"No DeepGlobe data in {manual_dir} (it holds {found}). Expected one of "
+        f"{list(ARCHIVE_NAMES)} or the extracted folder. " + MANUAL_INSTRUCTIONS)
+
+
+def check_class_dict(text: str, where: str) -> None:
+    """Checks class_dict.csv against lcseg's DeepGlobe classes and palette.
+
+    Args:
+      text: the csv's content (``name,r,g,b``).
+      where: the file, as errors should name it.
+
+    Raises:
+      ValueError: naming the file and row of the first disagreement.
+    """
+    meta = get_metadata("deepglobe")
+    expected = dict(zip(meta.class_names, meta.palette, strict=True))
+    expected[UNKNOWN_CLASS[0]] = UNKNOWN_CLASS[1]
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"name", "r", "g", "b"} <= set(reader.fieldnames):
+        raise ValueError(f"{where}: expected columns name,r,g,b; found {reader.fieldnames}.")
+    seen = set()
+    for row_number, row in enumerate(reader, start=2):  # Row 1 is the header.
+        name = (row["name"] or "").strip()
+        try:
+            colour = tuple(int(row[channel]) for channel in "rgb")
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} row {row_number}: colour {row['r']},{row['g']},"
+                             f"{row['b']} of {name!r} is not three integers.") from None
+        if name not in expected:
+            raise ValueError(f"{where} row {row_number}: class {name!r} is not a DeepGlobe "
+                             f"class lcseg knows ({sorted(expected)}); is this the right file?")
+        if colour != expected[name]:
+            raise ValueError(
+                f"{where} row {row_number}: class {name!r} has colour {colour} but lcseg "
+                f"decodes {name!r} from {expected[name]} (lcseg/data/metadata.py); labels "
+                "would be wrong. Check that this is the original DeepGlobe download.")
+        seen.add(name)
+    if missing := sorted(set(expected) - seen):
+        raise ValueError(f"{where}: no row for class(es) {missing}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    image_id: str
+    image_path: str
+    mask_path: str | None
+
+
+def _sort_key(item: _Item) -> tuple[int, str]:
+    # Ids are integers of varying length: order them as numbers, not strings.
+    return (int(item.image_id) if item.image_id.isdigit() else -1, item.image_id)
+
+
+def read_metadata(text: str, where: str, names: set[str], root: str
+                  ) -> tuple[list[_Item], list[_Item]]:
+    """Parses metadata.csv into (labelled, unlabelled) items, checking that files exist."""
+    reader = csv.DictReader(io.StringIO(text))
+    columns = ("image_id", "split", "sat_image_path", "mask_path")
+    if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+        raise ValueError(f"{where}: expected columns {','.join(columns)}; "
+                         f"found {reader.fieldnames}.")
+    labelled, unlabelled, ids = [], [], set()
+    for row_number, row in enumerate(reader, start=2):
+        image_id = (row["image_id"] or "").strip()
+        split = (row["split"] or "").strip()
+        image_path = (row["sat_image_path"] or "").strip()
+        mask_path = (row["mask_path"] or "").strip()
+        if mask_path.lower() == "nan":  # How pandas writes an empty cell.
+            mask_path = ""
+        if not image_path:
+            raise ValueError(f"{where} row {row_number}: image {image_id!r} has no "
+                             "sat_image_path.")
+        if not image_id or image_id in ids:
+            raise ValueError(f"{where} row {row_number}: image_id {image_id!r} is empty or "
+                             "repeated.")
+        ids.add(image_id)
+        if split == "train":
+            if not mask_path:
+                raise ValueError(f"{where} row {row_number}: train image {image_id} has no "
+                                 "mask_path.")
+            labelled.append(_Item(image_id, image_path, mask_path))
+        elif split in ("valid", "test"):
+            unlabelled.append(_Item(image_id, image_path, None))
+        else:
+            raise ValueError(f"{where} row {row_number}: split {split!r} is not one of "
+                             "train, valid, test.")
+        for path in (image_path, mask_path) if split == "train" else (image_path,):
+            if root + path not in names:
+                raise FileNotFoundError(f"{where} row {row_number}: {path} is not in the "
+                                        "download; it is incomplete: download it again.")
+    return sorted(labelled, key=_sort_key), sorted(unlabelled, key=_sort_key)
+
+
+def _read_image(data: bytes, where: str) -> tuple[bytes | np.ndarray, tuple[int, int]]:
+    """Checks a satellite image; returns (what to store, (height, width)).
+
+    An RGB JPEG is returned as its own bytes (see the module docstring); anything else is
+    decoded to an RGB array, which the base class encodes as PNG.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # Decode fully: a truncated file fails here, not in training.
+            size = (image.height, image.width)
+            if image.format == "JPEG" and image.mode == "RGB":
+                return data, size
+            return np.asarray(image.convert("RGB")), size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{where} is not a readable image ({error}): download the dataset "
+                         "again.") from error
+
+
+def _read_mask(data: bytes, where: str) -> np.ndarray:
+    """Reads a colour-coded mask as HxWx3 uint8."""
+    try:
+        with Image.open(io.BytesIO(data)) as mask:
+            if mask.mode not in ("RGB", "RGBA", "P"):
+                raise ValueError(f"{where}: mask has mode {mask.mode!r}; DeepGlobe masks are "
+                                 "colour-coded RGB images.")
+            return np.asarray(mask.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{where} is not a readable image ({error}): download the dataset "
+                         "again.") from error
+
+
+class Builder(LandCoverBuilder):
+    """DeepGlobe Land Cover (6 classes; unknown ignored), from the Kaggle download."""
+
+    name = "lcseg_deepglobe"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release: sha256 split of train/ into 454/207/142-like proportions, "
+                 "unlabelled split of valid/ + test/, original JPEG bytes.",
+    }
+    METADATA = get_metadata("deepglobe")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
+    # Declares what the image bytes are, for a base class that honours it (see README).
+    IMAGE_ENCODING = "jpeg"
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        source, root = _find_source(manual_dir_of(dl_manager))
+        # Everything is checked before anything is written: csv files, listed files.
+        archive = _Archive(source)
+        try:
+            names = set(archive.names())
+            texts = {}
+            for csv_name in (CLASS_DICT_CSV, METADATA_CSV):
+                if root + csv_name not in names:
+                    raise FileNotFoundError(
+                        f"{archive.where(root + csv_name)} is missing: the download is "
+                        "incomplete or not the Kaggle DeepGlobe Land Cover dataset. "
+                        + MANUAL_INSTRUCTIONS)
+                texts[csv_name] = archive.read(root + csv_name).decode("utf-8-sig")
+            check_class_dict(texts[CLASS_DICT_CSV], archive.where(root + CLASS_DICT_CSV))
+            labelled, unlabelled = read_metadata(
+                texts[METADATA_CSV], archive.where(root + METADATA_CSV), names, root)
+        finally:
+            archive.close()
+
+        items = {split: [item for item in labelled if split_of(item.image_id) == split]
+                 for split in LABELLED_SPLITS}
+        items[UNLABELLED_SPLIT] = unlabelled
+        return {split: self._encoded(split, self._generate_examples(source, root, split_items))
+                for split, split_items in items.items()}
+
+    def _generate_examples(self, source: Path, root: str, items: list[_Item]
+                           ) -> Iterator[tuple[str, dict[str, Any]]]:
+        archive = _Archive(source)
+        try:
+            for item in items:
+                where = archive.where(root + item.image_path)
+                image, (height, width) = _read_image(archive.read(root + item.image_path), where)
+                if item.mask_path is None:
+                    label = np.full((height, width), IGNORE_LABEL, np.uint8)
+                else:
+                    mask_where = archive.where(root + item.mask_path)
+                    mask = _read_mask(archive.read(root + item.mask_path), mask_where)
+                    if mask.shape[:2] != (height, width):
+                        raise ValueError(
+                            f"{mask_where} is {mask.shape[1]}x{mask.shape[0]} px but its image "
+                            f"{os.path.basename(item.image_path)} is {width}x{height}: the "
+                            "download is damaged; download it again.")
+                    label = decode_mask(mask)
+                yield item.image_id, {"image": image, "label": label, "id": item.image_id}
+        finally:
+            archive.close()

@@ -1,0 +1,1 @@
+"""LoveDA, from the Zenodo zips Train/Val/Test (see README.md)."""

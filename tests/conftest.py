@@ -1,0 +1,41 @@
+"""Shared test setup: 4 fake CPU devices, parsed absl flags, one prepared synthetic dataset."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from absl import flags
+
+# Four CPU devices in this process, so data-parallel code paths run for real. Subprocesses
+# started by tests get their own count (one unless they say otherwise).
+jax.config.update("jax_num_cpu_devices", 4)
+
+# grain worker processes and absl-based code read flags; tests have none to parse.
+flags.FLAGS.mark_as_parsed()
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir with the synthetic dataset prepared (once per test session)."""
+    from lcseg.data import prepare
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    prepare("synthetic", data_dir)
+    return data_dir
+
+
+def run_python(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Runs ``python ARGS`` from the repository root with a clean JAX device setup."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    full_env.update(env or {})
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"python {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
