@@ -16,6 +16,10 @@ and DeepGlobe evaluation code).
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
@@ -112,3 +116,30 @@ def scores_from_confusion(matrix: np.ndarray) -> dict[str, Any]:
         "mean_accuracy": nanmean(recall),
         "fwiou": float(np.sum(frequency[present] * iou[present])),
     }
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def write_scores_json(path: str, scores: dict[str, Any], class_names: Sequence[str],
+                      **context: Any) -> None:
+    """Writes scores (and ``context`` such as split and step) as JSON, atomically.
+
+    Undefined scores (NaN) become ``null``; the confusion matrix is stored as nested
+    lists, rows true class, columns predicted class.
+    """
+    report = {
+        **context,
+        "classes": list(class_names),
+        **{key: _json_number(scores[key])
+           for key in ("miou", "accuracy", "mean_accuracy", "fwiou", "mean_f1", "loss")
+           if key in scores},
+        **{key: {name: _json_number(v) for name, v in zip(class_names, scores[key])}
+           for key in ("iou", "f1", "precision", "recall")},
+        "confusion_matrix": np.asarray(scores["confusion_matrix"]).tolist(),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)  # Never a half-written report.

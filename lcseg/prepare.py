@@ -5,8 +5,9 @@
 
 ``manual_dir`` holds the archives as downloaded (or their extracted folders); each
 dataset's ``datasets/<name>/README.md`` says which. The command prints where the data
-went, the splits with their sizes, the time taken and the size on disk. Preparing an
-already prepared dataset does nothing. ``tfds build`` is not used: it needs TensorFlow.
+went, the splits with their sizes (split aliases too, with the stored splits they unite),
+the time taken and the size on disk. Preparing an already prepared dataset does nothing.
+``tfds build`` is not used: it needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -64,8 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     data_dir = Path(builder.data_dir)
     print(f"{builder.name} {builder.version} is in {data_dir}")
-    for split, info in builder.info.splits.items():
+    splits = builder.info.splits
+    for split, info in splits.items():
         print(f"  {split:<18} {info.num_examples:>7} examples")
+    # Unions of stored splits (e.g. LoveDA's train = train_urban+train_rural).
+    for alias, expression in getattr(builder, "SPLIT_ALIASES", {}).items():
+        count = sum(splits[part].num_examples for part in expression.split("+"))
+        print(f"  {alias:<18} {count:>7} examples ({expression})")
     done = "already prepared, nothing to do" if was_prepared else f"took {elapsed:.1f} s"
     print(f"{done}; {_human(_disk_usage(data_dir))} on disk")
     return 0

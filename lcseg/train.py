@@ -29,9 +29,9 @@ from lcseg import checkpoints, losses, parallel
 from lcseg.class_weights import compute_class_weights
 from lcseg.data import get_metadata, open_split, pipeline, prepare, train_class_counts
 from lcseg.data.metadata import DatasetMetadata
-from lcseg.metrics import ConfusionMatrix, scores_from_confusion
+from lcseg.metrics import ConfusionMatrix, scores_from_confusion, write_scores_json
 from lcseg.models import create_model
-from lcseg.visualize import comparison_panels
+from lcseg.visualize import comparison_panels, confusion_heatmap
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -421,8 +421,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     eval_scores = experiment.evaluate_split(state, eval_source)
                 writer.write_scalars(step, scalar_summaries(eval_scores, experiment.metadata,
                                                             "eval"))
-                writer.write_images(step, {"eval/panels": experiment.predict_panels(
-                    state, panel_examples)})
+                writer.write_images(step, {
+                    "eval/panels": experiment.predict_panels(state, panel_examples),
+                    "eval/confusion_matrix": confusion_heatmap(
+                        eval_scores["confusion_matrix"], experiment.metadata.class_names,
+                        title=f"{dataset.eval_split}, step {step}")[None]})
+                if main_process:
+                    write_scores_json(
+                        os.path.join(workdir, "eval", f"{dataset.eval_split}-{step}.json"),
+                        eval_scores, experiment.metadata.class_names,
+                        split=dataset.eval_split, step=step)
                 logging.info("Step %d, %s:\n%s", step, dataset.eval_split,
                              format_scores_table(eval_scores, experiment.metadata))
             if do_save:

@@ -71,6 +71,9 @@ def trained_workdir(synthetic_data_dir, tmp_path_factory):
 
 def test_training_writes_config_checkpoints_and_resumes(trained_workdir, synthetic_data_dir):
     assert os.path.exists(os.path.join(trained_workdir, "config.json"))
+    for step in (3, 6):  # each evaluation also saved as JSON, confusion matrix included
+        with open(os.path.join(trained_workdir, "eval", f"validation-{step}.json")) as f:
+            assert len(json.load(f)["confusion_matrix"]) == 6
     checkpointer = train.checkpoints.Checkpointer(
         os.path.join(trained_workdir, "checkpoints"), read_only=True)
     steps = checkpointer.all_steps()
@@ -90,7 +93,7 @@ def test_tensorboard_reads_scalars_images_and_hparams(trained_workdir):
     accumulator.Reload()
     tags = set(accumulator.Tags()["tensors"])
     expected = {"train/loss", "train/learning_rate", "steps_per_sec", "eval/miou",
-                "eval/accuracy", "eval/panels",
+                "eval/accuracy", "eval/panels", "eval/confusion_matrix",
                 *(f"eval/iou/{name}" for name in
                   ("urban", "agriculture", "rangeland", "forest", "water", "barren"))}
     assert expected <= tags, expected - tags
