@@ -287,11 +287,26 @@ class Experiment:
 
 
 def resolve_class_weights(config: ml_collections.ConfigDict) -> np.ndarray | None:
-    """Class weights from the config's scheme and the dataset's training class counts."""
+    """Class weights from the config's scheme and the training split's class counts.
+
+    The counts recorded at preparation describe the dataset's "train" split; training on
+    another split (e.g. LoveDA's ``train_rural``) counts that split's pixels instead.
+    """
     scheme = config.class_weights
     if isinstance(scheme, str) and scheme == "none":
         return None
-    counts = train_class_counts(config.dataset.name, config.dataset.data_dir)
+    dataset = config.dataset
+    if dataset.train_split == "train":
+        counts = train_class_counts(dataset.name, dataset.data_dir)
+    else:
+        from lcseg.class_stats import count_class_pixels  # Only needed here.
+
+        logging.info("Counting class pixels of %s/%s for class weights", dataset.name,
+                     dataset.train_split)
+        metadata = get_metadata(dataset.name)
+        counts, _ = count_class_pixels(open_split(dataset.name, dataset.train_split,
+                                                  dataset.data_dir),
+                                       metadata.num_classes, metadata.ignore_label)
     return compute_class_weights(scheme if isinstance(scheme, str) else list(scheme), counts)
 
 
@@ -329,6 +344,20 @@ def _check_finite(metrics: dict[str, float], step: int, last_saved: int | None,
             f"the data.")
 
 
+def _report_evaluation(writer: metric_writers.MetricWriter, step: int, scores: dict[str, Any],
+                       panels: np.ndarray, metadata: DatasetMetadata, *, workdir: str,
+                       split: str) -> None:
+    """Scalars, panels and confusion heat map to TensorBoard; JSON report; log table."""
+    writer.write_scalars(step, scalar_summaries(scores, metadata, "eval"))
+    heatmap = confusion_heatmap(scores["confusion_matrix"], metadata.class_names,
+                                title=f"{split}, step {step}")
+    writer.write_images(step, {"eval/panels": panels, "eval/confusion_matrix": heatmap[None]})
+    if parallel.is_main_process():
+        write_scores_json(os.path.join(workdir, "eval", f"{split}-{step}.json"), scores,
+                          metadata.class_names, split=split, step=step)
+    logging.info("Step %d, %s:\n%s", step, split, format_scores_table(scores, metadata))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
@@ -364,10 +393,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # --- Model and state ---------------------------------------------------------------
     class_weights = resolve_class_weights(config)
+    experiment = Experiment(config, class_weights=class_weights)
     if class_weights is not None:
         logging.info("Class weights (%s): %s", config.class_weights,
-                     dict(zip(get_metadata(dataset.name).class_names, class_weights.round(4))))
-    experiment = Experiment(config, class_weights=class_weights)
+                     dict(zip(experiment.metadata.class_names, class_weights.round(4))))
     parallel.local_batch_size(config.batch_size)  # Fail early on an indivisible batch.
     state = experiment.init_state()
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -389,57 +418,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                       writer=writer)
     step_metrics, input_wait = [], 0.0
-    with metric_writers.ensure_flushes(writer):
-        for step in range(initial_step + 1, config.num_train_steps + 1):
-            is_last = step == config.num_train_steps
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                wait_start = time.perf_counter()
-                batch = next(train_iter)
-                input_wait += time.perf_counter() - wait_start
-                state, metrics = experiment.train_step(
-                    state, parallel.shard_batch(batch, experiment.mesh))
-                step_metrics.append(metrics)
-            report_progress(step, time.perf_counter())
+    # However the loop ends (a divergence included), pending saves finish first: the last
+    # good checkpoint is always complete on disk.
+    try:
+        with metric_writers.ensure_flushes(writer):
+            for step in range(initial_step + 1, config.num_train_steps + 1):
+                is_last = step == config.num_train_steps
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    wait_start = time.perf_counter()
+                    batch = next(train_iter)
+                    input_wait += time.perf_counter() - wait_start
+                    state, metrics = experiment.train_step(
+                        state, parallel.shard_batch(batch, experiment.mesh))
+                    step_metrics.append(metrics)
+                report_progress(step, time.perf_counter())
 
-            do_eval = step % config.eval_every_steps == 0 or is_last
-            do_save = do_eval or step % config.checkpoint_every_steps == 0
-            if step % config.log_every_steps == 0 or do_save:
-                averaged = {k: float(np.mean(v)) for k, v in
-                            jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
-                                                        *step_metrics)).items()}
-                _check_finite(averaged, step, last_saved, workdir)
-                averaged["learning_rate"] = float(schedule(step - 1))
-                # Seconds per step spent waiting for the input pipeline: when this
-                # approaches the step time, the loader is the bottleneck.
-                averaged["input_wait_seconds"] = input_wait / len(step_metrics)
-                writer.write_scalars(step, {f"train/{k}": v for k, v in averaged.items()})
-                step_metrics, input_wait = [], 0.0
+                do_eval = step % config.eval_every_steps == 0 or is_last
+                do_save = do_eval or step % config.checkpoint_every_steps == 0
+                if step % config.log_every_steps == 0 or do_save:
+                    averaged = {k: float(np.mean(v)) for k, v in
+                                jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
+                                                            *step_metrics)).items()}
+                    _check_finite(averaged, step, last_saved, workdir)
+                    averaged["learning_rate"] = float(schedule(step - 1))
+                    # Seconds per step spent waiting for the input pipeline: when this
+                    # approaches the step time, the loader is the bottleneck.
+                    averaged["input_wait_seconds"] = input_wait / len(step_metrics)
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in averaged.items()})
+                    step_metrics, input_wait = [], 0.0
 
-            eval_scores = None
-            if do_eval:
-                with report_progress.timed("eval"):
-                    eval_scores = experiment.evaluate_split(state, eval_source)
-                writer.write_scalars(step, scalar_summaries(eval_scores, experiment.metadata,
-                                                            "eval"))
-                writer.write_images(step, {
-                    "eval/panels": experiment.predict_panels(state, panel_examples),
-                    "eval/confusion_matrix": confusion_heatmap(
-                        eval_scores["confusion_matrix"], experiment.metadata.class_names,
-                        title=f"{dataset.eval_split}, step {step}")[None]})
-                if main_process:
-                    write_scores_json(
-                        os.path.join(workdir, "eval", f"{dataset.eval_split}-{step}.json"),
-                        eval_scores, experiment.metadata.class_names,
-                        split=dataset.eval_split, step=step)
-                logging.info("Step %d, %s:\n%s", step, dataset.eval_split,
-                             format_scores_table(eval_scores, experiment.metadata))
-            if do_save:
-                with report_progress.timed("checkpoint"):
-                    checkpointer.save(step, state, train_iter, metrics=(
-                        {checkpoints.BEST_METRIC: eval_scores["miou"]} if eval_scores else None))
+                eval_scores = None
+                if do_eval:
+                    with report_progress.timed("eval"):
+                        eval_scores = experiment.evaluate_split(state, eval_source)
+                    panels = experiment.predict_panels(state, panel_examples)
+                    _report_evaluation(writer, step, eval_scores, panels, experiment.metadata,
+                                       workdir=workdir, split=dataset.eval_split)
+                if do_save:
+                    ranking = ({checkpoints.BEST_METRIC: eval_scores["miou"]}
+                               if eval_scores else None)
+                    with report_progress.timed("checkpoint"):
+                        checkpointer.save(step, state, train_iter, metrics=ranking)
                     last_saved = step
-    checkpointer.wait()
-    checkpointer.close()
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
     return state
 
 

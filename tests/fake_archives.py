@@ -34,7 +34,8 @@ class FakeDataset:
     Attributes:
       manual_dir: the folder to pass as ``manual_dir``.
       source: the zip written (or, for LoveDA, the Train zip), or the extracted folder.
-      splits: for each split the builder makes, the expected ids (in any order).
+      splits: for each split ``open_split`` serves (stored splits and split aliases),
+        the expected ids (in any order).
       images: expected decoded image (HxWx3 uint8) per id.
       labels: expected label (HxW uint8, 255 ignored) per id.
     """
@@ -173,7 +174,8 @@ def write_loveda(manual_dir: Path, *, as_zip: bool = True, size: int = 32, seed:
     Masks are single-channel PNGs of raw values 0 (no-data) .. 7; Test has no masks.
 
     Returns:
-      The fake, with all nine splits (train, train_urban, ...) and ids ``<domain>/<n>``.
+      The fake, with ids ``<domain>/<n>`` and all nine splits: the six per-domain ones
+      the builder stores (train_urban, ...) and the unions train, validation, test.
     """
     rng = np.random.default_rng(seed)
     manual_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def _check_prepared(name: str, data_dir: Path, fake: fake_archives.FakeDataset,
                     splits: dict[str, list[str]], extra_keys: tuple[str, ...] = ()) -> None:
     """Every split holds exactly its ids, each with the expected image and label."""
     builder = prepare(name, str(data_dir))
-    assert set(builder.info.splits) == set(splits)
+    assert set(builder.info.splits) | set(builder.SPLIT_ALIASES) == set(splits)
     for split, ids in splits.items():
         examples = _examples(name, split, data_dir)
         assert sorted(example["id"] for example in examples) == sorted(ids), split
@@ -44,9 +44,10 @@ def _check_prepared(name: str, data_dir: Path, fake: fake_archives.FakeDataset,
             assert example["label"].dtype == np.uint8 and example["label"].ndim == 2
             np.testing.assert_array_equal(example["image"], fake.images[example["id"]])
             np.testing.assert_array_equal(example["label"], fake.labels[example["id"]])
-    # Class statistics of the training split, for class weighting.
+    # Class statistics of the training split(s), for class weighting.
     expected_counts = sum(np.bincount(fake.labels[i].ravel(), minlength=256)
-                          for i in splits["train"])[: get_metadata(name).num_classes]
+                          for split in builder.TRAIN_SPLITS
+                          for i in splits[split])[: get_metadata(name).num_classes]
     np.testing.assert_array_equal(train_class_counts(name, str(data_dir)), expected_counts)
 
 
@@ -186,11 +187,27 @@ def test_deepglobe_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("as_zip", [True, False])
-def test_loveda_prepares_zips_or_folders(tmp_path, as_zip):
+def test_loveda_prepares_zips_or_folders(tmp_path, as_zip, capsys):
     fake = fake_archives.write_loveda(tmp_path / "manual", as_zip=as_zip)
     data_dir = tmp_path / "data"
     prepare("loveda", str(data_dir), str(fake.manual_dir))
     _check_prepared("loveda", data_dir, fake, fake.splits, extra_keys=("domain",))
+    # Each example is stored once, in its per-domain split; train/validation/test are
+    # unions read through split aliases.
+    builder = prepare("loveda", str(data_dir))
+    stored = {"train_urban", "train_rural", "validation_urban", "validation_rural",
+              "test_urban", "test_rural"}
+    assert set(builder.info.splits) == stored
+    assert sum(info.num_examples for info in builder.info.splits.values()) == len(fake.images)
+    for split in ("train", "validation", "test"):
+        assert len(open_split("loveda", split, str(data_dir))) == sum(
+            len(fake.splits[f"{split}_{domain}"]) for domain in ("urban", "rural"))
+    # Class counts sum both train domains.
+    expected = sum(np.bincount(fake.labels[i].ravel(), minlength=256)[:7]
+                   for i in fake.splits["train_urban"] + fake.splits["train_rural"])
+    np.testing.assert_array_equal(train_class_counts("loveda", str(data_dir)), expected)
+    assert prepare_cli.main(["loveda", "--data_dir", str(data_dir)]) == 0
+    assert "4 examples (train_urban+train_rural)" in capsys.readouterr().out
     # Same file number in both domains, two examples; the domain feature says which.
     train = {example["id"]: example for example in _examples("loveda", "train", data_dir)}
     assert {"urban/1", "rural/1"} <= set(train)
@@ -362,9 +379,10 @@ def test_no_tensorflow_needed(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from lcseg.data import open_split
-        source = open_split("loveda", "train_rural", {str(tmp_path / 'data')!r},
+        # "train" is an alias: TFDS reads train_urban+train_rural.
+        source = open_split("loveda", "train", {str(tmp_path / 'data')!r},
                             manual_dir={str(tmp_path / 'manual')!r})
-        assert source[0]["image"].shape == (32, 32, 3)
+        assert len(source) == 4 and source[3]["image"].shape == (32, 32, 3)
         print("tensorflow" in sys.modules)
     """)
     result = run_python(["-c", code])

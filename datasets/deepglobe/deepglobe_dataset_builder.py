@@ -24,16 +24,21 @@ import hashlib
 import io
 import os
 import re
-import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
+from lcseg.data.archives import (
+    Archive,
+    find_download,
+    manual_dir_of,
+    numeric_order,
+    open_image,
+    read_image,
+)
 from lcseg.data.metadata import IGNORE_LABEL, get_metadata
 from lcseg.data.tfds_builder import LandCoverBuilder
 
@@ -96,86 +101,25 @@ def decode_mask(rgb: np.ndarray) -> np.ndarray:
     return _CODE_TABLE[_colour_code(rgb)]
 
 
-class _Archive:
-    """The files of a download: a zip as downloaded, or the folder it was extracted to.
-
-    Names are '/'-separated paths relative to the zip root or the folder. Zip members are
-    read one at a time, so nothing is extracted to disk and memory holds one file.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._zip: zipfile.ZipFile | None = None
-        if path.is_file():
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError) as error:
-                raise ValueError(
-                    f"{path} is not a readable zip archive ({error}): the download is "
-                    "probably incomplete or corrupt; download it again.") from error
-
-    def names(self) -> list[str]:
-        """All file names (no folders; macOS resource forks skipped)."""
-        if self._zip is not None:
-            names = [n for n in self._zip.namelist() if not n.endswith("/")]
-        else:
-            names = [p.relative_to(self.path).as_posix()
-                     for p in self.path.rglob("*") if p.is_file()]
-        return [n for n in names if not n.startswith("__MACOSX/")]
-
-    def where(self, name: str) -> str:
-        """How errors name a file: ``archive.zip!member`` or the file's path."""
-        return f"{self.path}!{name}" if self._zip is not None else str(self.path / name)
-
-    def read(self, name: str) -> bytes:
-        try:
-            if self._zip is not None:
-                return self._zip.read(name)
-            return (self.path / name).read_bytes()
-        except KeyError:
-            raise FileNotFoundError(f"{self.where(name)} does not exist.") from None
-        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-            raise ValueError(f"{self.where(name)} cannot be read ({error}): the archive is "
-                             "corrupt; download it again.") from error
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-
-def manual_dir_of(dl_manager: tfds.download.DownloadManager) -> Path:
-    """``dl_manager.manual_dir``, failing with a FileNotFoundError that says what to put there."""
-    try:
-        return Path(dl_manager.manual_dir)
-    except AssertionError as error:  # TFDS signals a missing/empty manual_dir this way.
-        raise FileNotFoundError(str(error)) from None
+# The shallowest folder holding a csv or the train/ images is the dataset's root.
+_ROOT_MARKER = re.compile(r"^((?:[^/]+/)*?)(?:metadata\.csv|class_dict\.csv|train/[^/]+)$")
 
 
 def _find_source(manual_dir: Path) -> tuple[Path, str]:
     """Returns (zip or folder, root prefix inside it) holding the dataset in ``manual_dir``."""
-    for archive_name in ARCHIVE_NAMES:
-        if (manual_dir / archive_name).is_file():
-            archive = _Archive(manual_dir / archive_name)
-            try:
-                names = archive.names()
-            finally:
-                archive.close()
-            # The root is the shallowest folder holding a csv or the train/ images.
-            marker = re.compile(r"^((?:[^/]+/)*?)(?:metadata\.csv|class_dict\.csv|train/[^/]+)$")
-            roots = sorted({m.group(1) for m in map(marker.match, names) if m}, key=len)
-            if not roots:
-                raise ValueError(
-                    f"{manual_dir / archive_name} holds no {METADATA_CSV}, {CLASS_DICT_CSV} or "
-                    "train/ folder: it is not the DeepGlobe Land Cover archive. "
-                    + MANUAL_INSTRUCTIONS)
-            return manual_dir / archive_name, roots[0]
-    for folder in [manual_dir, *sorted(p for p in manual_dir.iterdir() if p.is_dir())]:
-        if any((folder / marker).exists() for marker in (METADATA_CSV, CLASS_DICT_CSV, "train")):
-            return folder, ""
-    found = sorted(p.name for p in manual_dir.iterdir())[:20]
-    raise FileNotFoundError(
-        f"No DeepGlobe data in {manual_dir} (it holds {found}). Expected one of "
-        f"{list(ARCHIVE_NAMES)} or the extracted folder. " + MANUAL_INSTRUCTIONS)
+    found = find_download(manual_dir, ARCHIVE_NAMES, _ROOT_MARKER,
+                          (METADATA_CSV, CLASS_DICT_CSV, "train"))
+    if found is None:
+        present = sorted(p.name for p in manual_dir.iterdir())[:20]
+        raise FileNotFoundError(
+            f"No DeepGlobe data in {manual_dir} (it holds {present}). Expected one of "
+            f"{list(ARCHIVE_NAMES)} or the extracted folder. " + MANUAL_INSTRUCTIONS)
+    source, root = found
+    if root is None:
+        raise ValueError(
+            f"{source} holds no {METADATA_CSV}, {CLASS_DICT_CSV} or train/ folder: it is not "
+            "the DeepGlobe Land Cover archive. " + MANUAL_INSTRUCTIONS)
+    return source, root
 
 
 def check_class_dict(text: str, where: str) -> None:
@@ -222,11 +166,6 @@ class _Item:
     mask_path: str | None
 
 
-def _sort_key(item: _Item) -> tuple[int, str]:
-    # Ids are integers of varying length: order them as numbers, not strings.
-    return (int(item.image_id) if item.image_id.isdigit() else -1, item.image_id)
-
-
 def read_metadata(text: str, where: str, names: set[str], root: str
                   ) -> tuple[list[_Item], list[_Item]]:
     """Parses metadata.csv into (labelled, unlabelled) items, checking that files exist."""
@@ -264,38 +203,18 @@ def read_metadata(text: str, where: str, names: set[str], root: str
             if root + path not in names:
                 raise FileNotFoundError(f"{where} row {row_number}: {path} is not in the "
                                         "download; it is incomplete: download it again.")
-    return sorted(labelled, key=_sort_key), sorted(unlabelled, key=_sort_key)
-
-
-def _read_image(data: bytes, where: str) -> tuple[bytes | np.ndarray, tuple[int, int]]:
-    """Checks a satellite image; returns (what to store, (height, width)).
-
-    An RGB JPEG is returned as its own bytes (see the module docstring); anything else is
-    decoded to an RGB array, which the base class encodes as PNG.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # Decode fully: a truncated file fails here, not in training.
-            size = (image.height, image.width)
-            if image.format == "JPEG" and image.mode == "RGB":
-                return data, size
-            return np.asarray(image.convert("RGB")), size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{where} is not a readable image ({error}): download the dataset "
-                         "again.") from error
+    # Ids are integers of varying length: order them as numbers, not strings.
+    return (sorted(labelled, key=lambda item: numeric_order(item.image_id)),
+            sorted(unlabelled, key=lambda item: numeric_order(item.image_id)))
 
 
 def _read_mask(data: bytes, where: str) -> np.ndarray:
     """Reads a colour-coded mask as HxWx3 uint8."""
-    try:
-        with Image.open(io.BytesIO(data)) as mask:
-            if mask.mode not in ("RGB", "RGBA", "P"):
-                raise ValueError(f"{where}: mask has mode {mask.mode!r}; DeepGlobe masks are "
-                                 "colour-coded RGB images.")
-            return np.asarray(mask.convert("RGB"))
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{where} is not a readable image ({error}): download the dataset "
-                         "again.") from error
+    with open_image(data, where) as mask:
+        if mask.mode not in ("RGB", "RGBA", "P"):
+            raise ValueError(f"{where}: mask has mode {mask.mode!r}; DeepGlobe masks are "
+                             "colour-coded RGB images.")
+        return np.asarray(mask.convert("RGB"))
 
 
 class Builder(LandCoverBuilder):
@@ -309,14 +228,13 @@ class Builder(LandCoverBuilder):
     }
     METADATA = get_metadata("deepglobe")
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
-    # Declares what the image bytes are, for a base class that honours it (see README).
+    # The stored image bytes are the download's JPEGs (see the module docstring).
     IMAGE_ENCODING = "jpeg"
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         source, root = _find_source(manual_dir_of(dl_manager))
         # Everything is checked before anything is written: csv files, listed files.
-        archive = _Archive(source)
-        try:
+        with Archive(source) as archive:
             names = set(archive.names())
             texts = {}
             for csv_name in (CLASS_DICT_CSV, METADATA_CSV):
@@ -329,8 +247,6 @@ class Builder(LandCoverBuilder):
             check_class_dict(texts[CLASS_DICT_CSV], archive.where(root + CLASS_DICT_CSV))
             labelled, unlabelled = read_metadata(
                 texts[METADATA_CSV], archive.where(root + METADATA_CSV), names, root)
-        finally:
-            archive.close()
 
         items = {split: [item for item in labelled if split_of(item.image_id) == split]
                  for split in LABELLED_SPLITS}
@@ -340,11 +256,11 @@ class Builder(LandCoverBuilder):
 
     def _generate_examples(self, source: Path, root: str, items: list[_Item]
                            ) -> Iterator[tuple[str, dict[str, Any]]]:
-        archive = _Archive(source)
-        try:
+        with Archive(source) as archive:
             for item in items:
                 where = archive.where(root + item.image_path)
-                image, (height, width) = _read_image(archive.read(root + item.image_path), where)
+                image, (height, width) = read_image(archive.read(root + item.image_path), where,
+                                                    "JPEG")
                 if item.mask_path is None:
                     label = np.full((height, width), IGNORE_LABEL, np.uint8)
                 else:
@@ -357,5 +273,3 @@ class Builder(LandCoverBuilder):
                             "download is damaged; download it again.")
                     label = decode_mask(mask)
                 yield item.image_id, {"image": image, "label": label, "id": item.image_id}
-        finally:
-            archive.close()

@@ -16,8 +16,6 @@ Mask values: 0 background, 1 building, 2 woodland, 3 water, 4 road; no ignore la
 from __future__ import annotations
 
 import re
-import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from rasterio.windows import Window
 
+from lcseg.data.archives import Archive, find_download, manual_dir_of
 from lcseg.data.metadata import get_metadata
 from lcseg.data.tfds_builder import LandCoverBuilder
 
@@ -45,88 +44,23 @@ See datasets/landcoverai/README.md.
 """
 
 
-class _Archive:
-    """The files of a download: a zip as downloaded, or the folder it was extracted to.
-
-    Names are '/'-separated paths relative to the zip root or the folder. Zip members are
-    read one at a time, so nothing is extracted to disk and memory holds one file.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._zip: zipfile.ZipFile | None = None
-        if path.is_file():
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError) as error:
-                raise ValueError(
-                    f"{path} is not a readable zip archive ({error}): the download is "
-                    "probably incomplete or corrupt; download it again.") from error
-
-    def names(self) -> list[str]:
-        """All file names (no folders; macOS resource forks skipped)."""
-        if self._zip is not None:
-            names = [n for n in self._zip.namelist() if not n.endswith("/")]
-        else:
-            names = [p.relative_to(self.path).as_posix()
-                     for p in self.path.rglob("*") if p.is_file()]
-        return [n for n in names if not n.startswith("__MACOSX/")]
-
-    def where(self, name: str) -> str:
-        """How errors name a file: ``archive.zip!member`` or the file's path."""
-        return f"{self.path}!{name}" if self._zip is not None else str(self.path / name)
-
-    def read(self, name: str) -> bytes:
-        try:
-            if self._zip is not None:
-                return self._zip.read(name)
-            return (self.path / name).read_bytes()
-        except KeyError:
-            raise FileNotFoundError(f"{self.where(name)} does not exist.") from None
-        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-            raise ValueError(f"{self.where(name)} cannot be read ({error}): the archive is "
-                             "corrupt; download it again.") from error
-
-    def gdal_path(self, name: str) -> str:
-        """A path GDAL (rasterio) opens; /vsizip/ reads a zip member without extracting it."""
-        if self._zip is not None:
-            return f"/vsizip/{self.path.resolve()}/{name}"
-        return str(self.path / name)
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-
-def manual_dir_of(dl_manager: tfds.download.DownloadManager) -> Path:
-    """``dl_manager.manual_dir``, failing with a FileNotFoundError that says what to put there."""
-    try:
-        return Path(dl_manager.manual_dir)
-    except AssertionError as error:  # TFDS signals a missing/empty manual_dir this way.
-        raise FileNotFoundError(str(error)) from None
+# The shallowest folder holding train.txt or the images/ sheets is the dataset's root.
+_ROOT_MARKER = re.compile(r"^((?:[^/]+/)*?)(?:train\.txt|images/[^/]+\.tif)$")
 
 
 def _find_source(manual_dir: Path) -> tuple[Path, str]:
     """Returns (zip or folder, root prefix inside it) holding the dataset in ``manual_dir``."""
-    if (manual_dir / ARCHIVE_NAME).is_file():
-        archive = _Archive(manual_dir / ARCHIVE_NAME)
-        try:
-            names = archive.names()
-        finally:
-            archive.close()
-        marker = re.compile(r"^((?:[^/]+/)*?)(?:train\.txt|images/[^/]+\.tif)$")
-        roots = sorted({m.group(1) for m in map(marker.match, names) if m}, key=len)
-        if not roots:
-            raise ValueError(f"{manual_dir / ARCHIVE_NAME} holds no train.txt or images/*.tif: "
-                             "it is not the LandCover.ai v1 archive. " + MANUAL_INSTRUCTIONS)
-        return manual_dir / ARCHIVE_NAME, roots[0]
-    for folder in [manual_dir, *sorted(p for p in manual_dir.iterdir() if p.is_dir())]:
-        if (folder / "train.txt").exists() or (folder / "images").is_dir():
-            return folder, ""
-    found = sorted(p.name for p in manual_dir.iterdir())[:20]
-    raise FileNotFoundError(f"No LandCover.ai data in {manual_dir} (it holds {found}). "
-                            f"Expected {ARCHIVE_NAME} or its extracted folder. "
-                            + MANUAL_INSTRUCTIONS)
+    found = find_download(manual_dir, (ARCHIVE_NAME,), _ROOT_MARKER, ("train.txt", "images"))
+    if found is None:
+        present = sorted(p.name for p in manual_dir.iterdir())[:20]
+        raise FileNotFoundError(f"No LandCover.ai data in {manual_dir} (it holds {present}). "
+                                f"Expected {ARCHIVE_NAME} or its extracted folder. "
+                                + MANUAL_INSTRUCTIONS)
+    source, root = found
+    if root is None:
+        raise ValueError(f"{source} holds no train.txt or images/*.tif: it is not the "
+                         "LandCover.ai v1 archive. " + MANUAL_INSTRUCTIONS)
+    return source, root
 
 
 def tile_grid(height: int, width: int) -> tuple[int, int]:
@@ -182,12 +116,9 @@ class Builder(LandCoverBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         source, root = _find_source(manual_dir_of(dl_manager))
         # Everything is checked before anything is written: sheets, sizes, split lists.
-        archive = _Archive(source)
-        try:
+        with Archive(source) as archive:
             sizes = self._check_sheets(archive, root)
             tiles = self._read_lists(archive, root, sizes)
-        finally:
-            archive.close()
         listed = sum(len(split_tiles) for split_tiles in tiles.values())
         total = sum(len(tile_numbers(*size)) for size in sizes.values())
         if listed < total:
@@ -196,7 +127,7 @@ class Builder(LandCoverBuilder):
         return {split: self._encoded(split, self._generate_examples(source, root, split_tiles))
                 for split, split_tiles in tiles.items()}
 
-    def _check_sheets(self, archive: _Archive, root: str) -> dict[str, tuple[int, int]]:
+    def _check_sheets(self, archive: Archive, root: str) -> dict[str, tuple[int, int]]:
         """Pairs images/ and masks/ sheets and checks their sizes; returns (H, W) per sheet."""
         sheets: dict[str, set[str]] = {"images": set(), "masks": set()}
         pattern = re.compile(rf"^{re.escape(root)}(images|masks)/([^/]+)\.tif$")
@@ -231,7 +162,7 @@ class Builder(LandCoverBuilder):
                 sizes[sheet] = (image.height, image.width)
         return sizes
 
-    def _read_lists(self, archive: _Archive, root: str, sizes: dict[str, tuple[int, int]]
+    def _read_lists(self, archive: Archive, root: str, sizes: dict[str, tuple[int, int]]
                     ) -> dict[str, list[tuple[str, int]]]:
         """Reads the split lists; every listed tile must be a whole tile of a present sheet."""
         tiles, listed_in = {}, {}
@@ -269,8 +200,7 @@ class Builder(LandCoverBuilder):
         by_sheet: dict[str, set[int]] = {}
         for sheet, number in tiles:
             by_sheet.setdefault(sheet, set()).add(number)
-        archive = _Archive(source)
-        try:
+        with Archive(source) as archive:
             for sheet in sorted(by_sheet):
                 image_name, mask_name = f"{root}images/{sheet}.tif", f"{root}masks/{sheet}.tif"
                 mask_where = archive.where(mask_name)
@@ -306,5 +236,3 @@ class Builder(LandCoverBuilder):
                                 "label": label,
                                 "id": tile_id,
                             }
-        finally:
-            archive.close()

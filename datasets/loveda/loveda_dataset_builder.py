@@ -6,8 +6,10 @@ one at a time, nothing extracted), or their extracted folders ``Train/``, ``Val/
 
 * Labels: raw mask value ``v`` becomes ``v - 1``; raw 0 (no-data) becomes the ignore
   label 255, as the official code does. Test masks are hidden: test labels are all 255.
-* Splits: ``train``, ``validation``, ``test`` (both domains), and the same per domain
-  (``train_urban``, ``train_rural``, ...) for the domain-adaptation protocol.
+* Splits: six are stored, one per archive and domain (``train_urban``, ``train_rural``,
+  ``validation_urban``, ...), each example once; ``train``, ``validation`` and ``test``
+  (both domains) are their unions (``SPLIT_ALIASES``, read through TFDS split
+  expressions such as ``train_urban+train_rural``). Class counts sum both train domains.
 * Ids are ``<domain>/<n>`` (e.g. ``urban/3514``): unique even where Urban and Rural
   hold the same file name; ``<n>.png`` is the original (and the test server's) file name.
 * Images are stored as their original PNG bytes when they are 8-bit RGB PNGs (decoded
@@ -16,18 +18,15 @@ one at a time, nothing extracted), or their extracted folders ``Train/``, ``Val/
 
 from __future__ import annotations
 
-import io
 import re
-import zipfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
+from lcseg.data.archives import Archive, manual_dir_of, numeric_order, open_image, read_image
 from lcseg.data.metadata import IGNORE_LABEL, get_metadata
 from lcseg.data.tfds_builder import LandCoverBuilder
 
@@ -46,61 +45,6 @@ extract to, into manual_dir. See datasets/loveda/README.md.
 # raw mask value -> label: v -> v - 1, 0 (no-data) -> ignore.
 _LABEL_TABLE = np.full(256, IGNORE_LABEL, np.uint8)
 _LABEL_TABLE[1: MAX_RAW_VALUE + 1] = np.arange(MAX_RAW_VALUE)
-
-
-class _Archive:
-    """The files of a download: a zip as downloaded, or the folder it was extracted to.
-
-    Names are '/'-separated paths relative to the zip root or the folder. Zip members are
-    read one at a time, so nothing is extracted to disk and memory holds one file.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._zip: zipfile.ZipFile | None = None
-        if path.is_file():
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError) as error:
-                raise ValueError(
-                    f"{path} is not a readable zip archive ({error}): the download is "
-                    "probably incomplete or corrupt; download it again.") from error
-
-    def names(self) -> list[str]:
-        """All file names (no folders; macOS resource forks skipped)."""
-        if self._zip is not None:
-            names = [n for n in self._zip.namelist() if not n.endswith("/")]
-        else:
-            names = [p.relative_to(self.path).as_posix()
-                     for p in self.path.rglob("*") if p.is_file()]
-        return [n for n in names if not n.startswith("__MACOSX/")]
-
-    def where(self, name: str) -> str:
-        """How errors name a file: ``archive.zip!member`` or the file's path."""
-        return f"{self.path}!{name}" if self._zip is not None else str(self.path / name)
-
-    def read(self, name: str) -> bytes:
-        try:
-            if self._zip is not None:
-                return self._zip.read(name)
-            return (self.path / name).read_bytes()
-        except KeyError:
-            raise FileNotFoundError(f"{self.where(name)} does not exist.") from None
-        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-            raise ValueError(f"{self.where(name)} cannot be read ({error}): the archive is "
-                             "corrupt; download it again.") from error
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-
-def manual_dir_of(dl_manager: tfds.download.DownloadManager) -> Path:
-    """``dl_manager.manual_dir``, failing with a FileNotFoundError that says what to put there."""
-    try:
-        return Path(dl_manager.manual_dir)
-    except AssertionError as error:  # TFDS signals a missing/empty manual_dir this way.
-        raise FileNotFoundError(str(error)) from None
 
 
 def _find_sources(manual_dir: Path) -> dict[str, Path]:
@@ -126,7 +70,7 @@ _MEMBER = re.compile(r"^(?P<root>(?:[^/]+/)*?)(?P<domain>Urban|Rural)/"
                      r"(?P<kind>images_png|masks_png)/(?P<stem>[^/]+)\.png$")
 
 
-def list_items(archive: _Archive, *, labelled: bool) -> tuple[str, dict[str, list[str]]]:
+def list_items(archive: Archive, *, labelled: bool) -> tuple[str, dict[str, list[str]]]:
     """Lists, per domain, the file names (without .png) of images, checking their masks.
 
     Args:
@@ -155,35 +99,16 @@ def list_items(archive: _Archive, *, labelled: bool) -> tuple[str, dict[str, lis
                              "empty: the download is incomplete; download it again.")
         if labelled:
             masks = files.get((root, folder, "masks_png"), set())
-            if unmatched := sorted(images - masks)[:5]:
-                raise FileNotFoundError(
-                    f"{archive.where(root + folder + '/masks_png/')}: no mask for image(s) "
-                    f"{[n + '.png' for n in unmatched]}; the download is incomplete.")
-            if unmatched := sorted(masks - images)[:5]:
-                raise FileNotFoundError(
-                    f"{archive.where(root + folder + '/images_png/')}: no image for mask(s) "
-                    f"{[n + '.png' for n in unmatched]}; the download is incomplete.")
+            for lack, have, unmatched in (("mask", "image", images - masks),
+                                          ("image", "mask", masks - images)):
+                if unmatched:
+                    raise FileNotFoundError(
+                        f"{archive.where(f'{root}{folder}/{lack}s_png/')}: no {lack} for "
+                        f"{have}(s) {[n + '.png' for n in sorted(unmatched)[:5]]}; the "
+                        "download is incomplete.")
         # The names are integers: order them as numbers, not strings.
-        items[domain] = sorted(images, key=lambda n: (int(n) if n.isdigit() else -1, n))
+        items[domain] = sorted(images, key=numeric_order)
     return root, items
-
-
-def _read_image(data: bytes, where: str) -> tuple[bytes | np.ndarray, tuple[int, int]]:
-    """Checks an image; returns (what to store, (height, width)).
-
-    An 8-bit RGB PNG is returned as its own bytes; anything else is decoded to an RGB
-    array, which the base class encodes as PNG.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # Decode fully: a truncated file fails here, not in training.
-            size = (image.height, image.width)
-            if image.format == "PNG" and image.mode == "RGB":
-                return data, size
-            return np.asarray(image.convert("RGB")), size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{where} is not a readable image ({error}): download the dataset "
-                         "again.") from error
 
 
 def decode_mask(data: bytes, where: str) -> np.ndarray:
@@ -192,15 +117,11 @@ def decode_mask(data: bytes, where: str) -> np.ndarray:
     Raises:
       ValueError: if the file is no single-channel image or holds values above 7.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as mask:
-            if mask.mode not in ("L", "P"):
-                raise ValueError(f"{where}: mask has mode {mask.mode!r}; LoveDA masks are "
-                                 "single-channel 8-bit images of values 0..7.")
-            raw = np.asarray(mask)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{where} is not a readable image ({error}): download the dataset "
-                         "again.") from error
+    with open_image(data, where) as mask:
+        if mask.mode not in ("L", "P"):
+            raise ValueError(f"{where}: mask has mode {mask.mode!r}; LoveDA masks are "
+                             "single-channel 8-bit images of values 0..7.")
+        raw = np.asarray(mask)
     if raw.max(initial=0) > MAX_RAW_VALUE:
         bad = np.unique(raw[raw > MAX_RAW_VALUE])[:5].tolist()
         raise ValueError(f"{where}: mask value(s) {bad} out of range: LoveDA masks hold 0 "
@@ -213,55 +134,52 @@ class Builder(LandCoverBuilder):
     """LoveDA (7 classes, urban and rural domains; no-data ignored), from Zenodo's zips."""
 
     name = "lcseg_loveda"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release: official splits, per-domain splits, ids "
-                              "'<domain>/<n>', original PNG bytes."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release: official splits, per-domain splits, ids '<domain>/<n>', "
+                 "original PNG bytes.",
+        "1.1.0": "Each example is stored once: only the six per-domain splits are written; "
+                 "train, validation and test are their unions (split aliases), half the "
+                 "size on disk. Same examples, ids and labels as 1.0.0.",
+    }
     METADATA = get_metadata("loveda")
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
     EXTRA_FEATURES = {"domain": tfds.features.Text()}
+    TRAIN_SPLITS = tuple(f"train_{domain}" for domain in DOMAINS)
+    SPLIT_ALIASES = {split: "+".join(f"{split}_{domain}" for domain in DOMAINS)
+                     for split in SOURCES}
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         sources = _find_sources(manual_dir_of(dl_manager))
         # List (and check) every archive before anything is written.
         listings = {}
         for split, path in sources.items():
-            archive = _Archive(path)
-            try:
+            with Archive(path) as archive:
                 listings[split] = list_items(archive, labelled=split in LABELLED)
-            finally:
-                archive.close()
-        generators = {}
-        for split, (root, items) in listings.items():
-            generators[split] = self._generate_examples(
-                sources[split], split, root, items, tuple(DOMAINS))
-            for domain in DOMAINS:
-                generators[f"{split}_{domain}"] = self._generate_examples(
-                    sources[split], split, root, items, (domain,))
-        return {split: self._encoded(split, examples) for split, examples in generators.items()}
+        return {
+            f"{split}_{domain}": self._encoded(f"{split}_{domain}", self._generate_examples(
+                sources[split], split, root, domain, items[domain]))
+            for split, (root, items) in listings.items() for domain in DOMAINS
+        }
 
-    def _generate_examples(self, source: Path, split: str, root: str,
-                           items: dict[str, list[str]], domains: tuple[str, ...]
-                           ) -> Iterator[tuple[str, dict[str, Any]]]:
-        archive = _Archive(source)
-        try:
-            for domain in domains:
-                folder = f"{root}{DOMAINS[domain]}"
-                for stem in items[domain]:
-                    image_name = f"{folder}/images_png/{stem}.png"
-                    image, (height, width) = _read_image(
-                        archive.read(image_name), archive.where(image_name))
-                    if split in LABELLED:
-                        mask_name = f"{folder}/masks_png/{stem}.png"
-                        label = decode_mask(archive.read(mask_name), archive.where(mask_name))
-                        if label.shape != (height, width):
-                            raise ValueError(
-                                f"{archive.where(mask_name)} is {label.shape[1]}x"
-                                f"{label.shape[0]} px but its image is {width}x{height}: the "
-                                "download is damaged; download it again.")
-                    else:  # Test labels are hidden.
-                        label = np.full((height, width), IGNORE_LABEL, np.uint8)
-                    example_id = f"{domain}/{stem}"
-                    yield example_id, {"image": image, "label": label, "id": example_id,
-                                       "domain": domain}
-        finally:
-            archive.close()
+    def _generate_examples(self, source: Path, split: str, root: str, domain: str,
+                           stems: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        folder = f"{root}{DOMAINS[domain]}"
+        with Archive(source) as archive:
+            for stem in stems:
+                image_name = f"{folder}/images_png/{stem}.png"
+                image, (height, width) = read_image(
+                    archive.read(image_name), archive.where(image_name), "PNG")
+                if split in LABELLED:
+                    mask_name = f"{folder}/masks_png/{stem}.png"
+                    label = decode_mask(archive.read(mask_name), archive.where(mask_name))
+                    if label.shape != (height, width):
+                        raise ValueError(
+                            f"{archive.where(mask_name)} is {label.shape[1]}x"
+                            f"{label.shape[0]} px but its image is {width}x{height}: the "
+                            "download is damaged; download it again.")
+                else:  # Test labels are hidden.
+                    label = np.full((height, width), IGNORE_LABEL, np.uint8)
+                example_id = f"{domain}/{stem}"
+                yield example_id, {"image": image, "label": label, "id": example_id,
+                                   "domain": domain}
