@@ -212,3 +212,19 @@ def test_two_processes_train_like_one(synthetic_data_dir, tmp_path):
         assert process.returncode == 0, output[-4000:]
     assert "process 1 of 2" in outputs[1] or "processes: 2" in outputs[0]
     assert_trees_equal(read_params(multi, 4), read_params(single, 4), rtol=1e-4, atol=1e-6)
+
+
+def test_class_weights_come_from_the_configured_training_split(synthetic_data_dir):
+    from lcseg.class_weights import compute_class_weights
+
+    config = tiny_config(synthetic_data_dir, class_weights="inverse")
+    config.dataset.train_split = "validation"
+    source = open_split("synthetic", "validation", synthetic_data_dir)
+    counts = sum(np.bincount(source[i]["label"].ravel(), minlength=256)[:6]
+                 for i in range(len(source)))
+    np.testing.assert_allclose(train.resolve_class_weights(config),
+                               compute_class_weights("inverse", counts), rtol=1e-6)
+    config.dataset.train_split = "train"
+    recorded = train.train_class_counts("synthetic", synthetic_data_dir)
+    np.testing.assert_allclose(train.resolve_class_weights(config),
+                               compute_class_weights("inverse", recorded), rtol=1e-6)
