@@ -396,7 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     experiment = Experiment(config, class_weights=class_weights)
     if class_weights is not None:
         logging.info("Class weights (%s): %s", config.class_weights,
-                     dict(zip(experiment.metadata.class_names, class_weights.round(4))))
+                     {name: round(float(weight), 4) for name, weight in
+                      zip(experiment.metadata.class_names, class_weights)})
     parallel.local_batch_size(config.batch_size)  # Fail early on an indivisible batch.
     state = experiment.init_state()
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
