@@ -36,11 +36,30 @@ def get_config() -> ml_collections.ConfigDict:
     # 'effective_number', or an explicit list of per-class weights.
     config.class_weights = "none"
 
-    config.optimizer = "adamw"  # 'adam' or 'adamw'
-    config.learning_rate = 1e-3
-    config.weight_decay = 1e-4  # AdamW only
-    config.schedule = "cosine"  # 'constant' or 'cosine' (with linear warmup)
+    config.optimizer = "adamw"  # 'adam', 'adamw' or 'sgd' (with momentum)
+    config.learning_rate = 1e-3  # peak learning rate
+    config.weight_decay = 1e-4  # AdamW: decoupled; SGD: added to the gradient; Adam: none
+    config.momentum = 0.9  # SGD only
+    config.nesterov = False  # SGD only
+    config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: no clipping
+    # Split each batch into this many sequential micro-batches, one update per batch.
+    config.grad_accum_steps = 1
+    # 'constant', 'step', 'cosine', 'linear' (all with linear warmup) or 'onecycle'.
+    config.schedule = "cosine"
     config.warmup_steps = 100
+    config.end_learning_rate_factor = 0.01  # cosine/linear: final lr = factor * peak
+    config.step_boundaries = (0.6, 0.85)  # 'step': fractions of num_train_steps
+    config.step_factor = 0.1  # 'step': multiply the lr by this at each boundary
+    # Reduce-on-plateau on validation mIoU, on top of any schedule: after this many
+    # evaluations without improvement multiply the lr by plateau_factor (0: off).
+    config.plateau_patience = 0
+    config.plateau_factor = 0.5
+    config.plateau_min_scale = 1e-3
+    # Stop after this many evaluations without a better validation mIoU (0: off).
+    config.early_stopping_patience = 0
+    # Exponential moving average of the parameters (0: off); when on, evaluation and
+    # the best checkpoint use the averaged parameters.
+    config.ema_decay = 0.0
 
     config.batch_size = 16  # global, across all devices and hosts
     config.eval_batch_size = 16
@@ -54,6 +73,25 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.workers = 2  # grain worker processes; 0: in the main process
+    # Train and evaluate at this fraction of the full resolution (e.g. 0.25); 1: full.
+    config.data.downscale = 1.0
+
+    # Training augmentation, applied jointly to image and label (labels nearest only,
+    # padding with the ignore label), in this order; the options below tune them.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.ops = ("random_crop", "flips")
+    config.augment.scale_range = (0.5, 2.0)  # random_scale
+    config.augment.resized_crop_area = (0.25, 1.0)  # random_resized_crop: area fraction
+    config.augment.resized_crop_ratio = (0.75, 1.3333)  # random_resized_crop: aspect
+    config.augment.rotation_degrees = 10.0  # rotate: uniform in [-d, d]
+    config.augment.brightness = 0.2  # colour_jitter (image only)
+    config.augment.contrast = 0.2
+    config.augment.saturation = 0.2
+    config.augment.hue = 0.02
+    config.augment.blur_sigma = (0.1, 1.5)  # blur, applied with blur_probability
+    config.augment.blur_probability = 0.2
+    config.augment.noise_std = 5.0  # noise (uint8 units), applied with noise_probability
+    config.augment.noise_probability = 0.2
 
     config.half_precision = True  # bfloat16 compute, float32 parameters
     config.seed = 0

@@ -76,7 +76,8 @@ class Checkpointer:
         return step
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None,
-             *, metrics: dict[str, float] | None = None) -> None:
+             *, metrics: dict[str, float] | None = None,
+             normalisation: dict[str, list[float]] | None = None) -> None:
         """Starts saving ``state`` (and the iterator position) at ``step`` in the background.
 
         Args:
@@ -84,11 +85,19 @@ class Checkpointer:
           state: the train state pytree.
           data_iterator: training iterator whose position to save with it.
           metrics: validation metrics of this state (``miou`` ranks the best checkpoint).
+          normalisation: the input ``mean``/``std`` the model was trained with, stored in
+            the checkpoint's metadata so that it travels with the weights.
         """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True,
+                           custom_metadata={"normalisation": normalisation or {}})
+
+    def normalisation(self, step: int) -> dict[str, list[float]]:
+        """The input normalisation saved with ``step`` (empty if none was saved)."""
+        metadata = self._manager.metadata(step)
+        return dict((metadata.custom_metadata or {}).get("normalisation", {}))
 
     def restore(self, step: int, target: Any,
                 data_iterator: grain.DatasetIterator | None = None) -> Any:

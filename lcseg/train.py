@@ -25,7 +25,7 @@ from clu import metric_writers, periodic_actions
 from clu import metrics as clu_metrics
 from flax.training import train_state
 
-from lcseg import checkpoints, losses, parallel
+from lcseg import checkpoints, losses, optim, parallel
 from lcseg.class_weights import compute_class_weights
 from lcseg.data import get_metadata, open_split, pipeline, prepare, train_class_counts
 from lcseg.data.metadata import DatasetMetadata
@@ -38,10 +38,57 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus BatchNorm statistics and the run's base random key."""
+    """Flax's TrainState plus what else a run must resume exactly.
+
+    Attributes:
+      batch_stats: BatchNorm running statistics (float32).
+      rng: the run's base random key (folded with the step for per-step randomness).
+      ema_params: exponential moving average of ``params``, or None when off.
+      tracker: validation-driven state, see ``init_tracker``.
+    """
 
     batch_stats: Any
     rng: jax.Array
+    ema_params: Any
+    tracker: dict[str, jax.Array]
+
+
+def init_tracker() -> dict[str, jax.Array]:
+    """Validation history that reduce-on-plateau and early stopping act on.
+
+    ``best_miou``: best validation mIoU so far; ``evals_since_best``: evaluations since
+    it improved (early stopping); ``plateau_count``: evaluations without improvement since
+    the last learning-rate reduction; ``lr_scale``: the reduce-on-plateau multiplier.
+    Kept in the train state, so it is checkpointed and a resumed run continues it.
+    """
+    return {"best_miou": jnp.asarray(-1.0, jnp.float32),
+            "evals_since_best": jnp.asarray(0, jnp.int32),
+            "plateau_count": jnp.asarray(0, jnp.int32),
+            "lr_scale": jnp.asarray(1.0, jnp.float32)}
+
+
+def update_tracker(tracker: dict[str, Any], miou: float,
+                   config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The tracker after an evaluation with validation ``miou`` (host-side, numpy).
+
+    Reduce-on-plateau follows PyTorch's ReduceLROnPlateau (mode 'max', threshold 0): after
+    ``plateau_patience`` evaluations without a new best, the scale is multiplied by
+    ``plateau_factor`` (not below ``plateau_min_scale``) and the count restarts.
+    """
+    tracker = {k: np.asarray(v) for k, v in jax.device_get(tracker).items()}
+    if miou > tracker["best_miou"]:
+        tracker["best_miou"] = np.asarray(miou, np.float32)
+        tracker["evals_since_best"] = np.asarray(0, np.int32)
+        tracker["plateau_count"] = np.asarray(0, np.int32)
+    else:
+        tracker["evals_since_best"] = tracker["evals_since_best"] + 1
+        tracker["plateau_count"] = tracker["plateau_count"] + 1
+    if config.plateau_patience > 0 and tracker["plateau_count"] >= config.plateau_patience:
+        tracker["lr_scale"] = np.asarray(
+            max(float(tracker["lr_scale"]) * config.plateau_factor, config.plateau_min_scale),
+            np.float32)
+        tracker["plateau_count"] = np.asarray(0, np.int32)
+    return tracker
 
 
 @flax.struct.dataclass
@@ -73,27 +120,6 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     return create_model(**config.model, num_classes=num_classes, dtype=compute_dtype(config))
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The learning rate as a pure function of the step (so resuming is exact)."""
-    if config.schedule == "constant":
-        return optax.constant_schedule(config.learning_rate)
-    if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=config.learning_rate,
-            warmup_steps=config.warmup_steps, decay_steps=max(config.num_train_steps, 1),
-            end_value=0.01 * config.learning_rate)
-    raise ValueError(f"Unknown config.schedule {config.schedule!r}; valid: 'constant', 'cosine'")
-
-
-def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(config)
-    if config.optimizer == "adam":
-        return optax.adam(schedule)
-    if config.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=config.weight_decay)
-    raise ValueError(f"Unknown config.optimizer {config.optimizer!r}; valid: 'adam', 'adamw'")
-
-
 def create_train_state(config: ml_collections.ConfigDict, model, mesh) -> TrainState:
     """Initialises parameters directly into their (replicated) shardings."""
     rng = jax.random.key(config.seed)
@@ -103,9 +129,11 @@ def create_train_state(config: ml_collections.ConfigDict, model, mesh) -> TrainS
         init_rng, state_rng = jax.random.split(rng)
         variables = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32),
                                train=False)
-        return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                 tx=build_optimizer(config),
-                                 batch_stats=variables.get("batch_stats", {}), rng=state_rng)
+        params = variables["params"]
+        return TrainState.create(
+            apply_fn=model.apply, params=params, tx=optim.build_optimizer(config),
+            batch_stats=variables.get("batch_stats", {}), rng=state_rng,
+            ema_params=params if config.ema_decay > 0 else None, tracker=init_tracker())
 
     return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
 
@@ -123,28 +151,66 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, mesh) -> Trai
 # ---------------------------------------------------------------------------------------
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               loss_fn: Callable, mean: tuple, std: tuple, dtype: jnp.dtype
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
+               schedule: optax.Schedule, mean: tuple, std: tuple, dtype: jnp.dtype,
+               grad_accum_steps: int = 1, ema_decay: float = 0.0,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a (global, sharded) batch; returns the new state and metrics."""
+    """One optimizer update on a (global, sharded) batch; returns the new state and metrics.
+
+    With ``grad_accum_steps`` k > 1 the batch is processed as k sequential micro-batches
+    (k times less activation memory) whose gradients are averaged into one update: the
+    same update as the whole batch when every micro-batch counts the same number of
+    pixels, except that BatchNorm normalises each micro-batch by its own statistics (as
+    gradient accumulation in PyTorch does).
+    """
     images = pipeline.normalize_images(batch["image"], mean, std, dtype)
     labels = batch["label"].astype(jnp.int32)
     dropout_rng = jax.random.fold_in(state.rng, state.step)
 
-    def objective(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-            mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        total, components = loss_fn(logits.astype(jnp.float32), labels)
-        return total, (components, updates["batch_stats"])
+    def micro_step(batch_stats, micro_batch):
+        micro_images, micro_labels = micro_batch
 
-    (loss, (components, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
-    grad_norm = optax.global_norm(grads)
+        def objective(params):
+            logits, updates = state.apply_fn(
+                {"params": params, "batch_stats": batch_stats}, micro_images, train=True,
+                mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+            total, components = loss_fn(logits.astype(jnp.float32), micro_labels)
+            return total, (components, updates["batch_stats"])
+
+        (loss, (components, batch_stats)), grads = jax.value_and_grad(
+            objective, has_aux=True)(state.params)
+        return batch_stats, (grads, {"loss": loss, **components})
+
+    if grad_accum_steps == 1:
+        batch_stats, (grads, loss_values) = micro_step(state.batch_stats, (images, labels))
+    else:
+        # Micro-batch i takes rows i, i+k, i+2k, ...: every device keeps its own rows, so
+        # splitting the sharded batch needs no communication.
+        def split(x):
+            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+            return jnp.moveaxis(x, 1, 0)
+
+        batch_stats, (grads, loss_values) = jax.lax.scan(
+            micro_step, state.batch_stats, (split(images), split(labels)))
+        grads, loss_values = jax.tree.map(lambda x: jnp.mean(x, axis=0), (grads, loss_values))
+
+    learning_rate = schedule(state.step) * state.tracker["lr_scale"]
+    state.opt_state.hyperparams["learning_rate"] = learning_rate
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    metrics = {"loss": loss, "grad_norm": grad_norm,
-               **{f"loss/{name}": value for name, value in components.items()}}
+    if ema_decay > 0:
+        state = state.replace(ema_params=jax.tree.map(
+            lambda ema, new: ema_decay * ema + (1 - ema_decay) * new,
+            state.ema_params, state.params))
+    metrics = {"loss": loss_values.pop("loss"), "grad_norm": optax.global_norm(grads),
+               "learning_rate": learning_rate,
+               **{f"loss/{name}": value for name, value in loss_values.items()}}
     return state, metrics
+
+
+def inference_variables(state: TrainState) -> dict[str, Any]:
+    """The variables evaluation and prediction use: EMA parameters when kept."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    return {"params": params, "batch_stats": state.batch_stats}
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
@@ -152,8 +218,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callab
     """Loss (weighted by counted pixels) and confusion matrix of one batch."""
     images = pipeline.normalize_images(batch["image"], mean, std, dtype)
     labels = batch["label"].astype(jnp.int32)
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            images, train=False).astype(jnp.float32)
+    logits = state.apply_fn(inference_variables(state), images,
+                            train=False).astype(jnp.float32)
     loss, _ = loss_fn(logits, labels)
     counted = jnp.sum((labels >= 0) & (labels < num_classes)).astype(jnp.float32)
     return EvalMetrics.single_from_model_output(
@@ -164,7 +230,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callab
 def predict_step(state: TrainState, images: jax.Array, *, mean: tuple, std: tuple,
                  dtype: jnp.dtype) -> jax.Array:
     """Class indices ``[N, H, W]`` for uint8 images."""
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+    logits = state.apply_fn(inference_variables(state),
                             pipeline.normalize_images(images, mean, std, dtype), train=False)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
@@ -230,8 +296,11 @@ def format_scores_table(scores: dict[str, Any], metadata: DatasetMetadata) -> st
 class Experiment:
     """Model, loss and compiled steps of a config, on the current devices."""
 
-    def __init__(self, config: ml_collections.ConfigDict, *, class_weights=None, mesh=None):
+    def __init__(self, config: ml_collections.ConfigDict, *, class_weights=None, mesh=None,
+                 schedule: optax.Schedule | None = None):
         self.config = config
+        # The learning-rate finder passes its own sweep; training uses the config's.
+        self.schedule = schedule or optim.learning_rate_schedule(config)
         self.metadata = get_metadata(config.dataset.name)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.model = build_model(config, self.metadata.num_classes)
@@ -244,7 +313,9 @@ class Experiment:
         batch = parallel.batch_sharding(self.mesh)
         # Donating the old state lets XLA update parameters in place (half the memory).
         self.train_step = jax.jit(
-            functools.partial(train_step, loss_fn=self.loss_fn, **normalisation),
+            functools.partial(train_step, loss_fn=self.loss_fn, schedule=self.schedule,
+                              grad_accum_steps=config.grad_accum_steps,
+                              ema_decay=config.ema_decay, **normalisation),
             in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
             donate_argnums=0)
         self.eval_step = jax.jit(
@@ -358,6 +429,47 @@ def _report_evaluation(writer: metric_writers.MetricWriter, step: int, scores: d
     logging.info("Step %d, %s:\n%s", step, split, format_scores_table(scores, metadata))
 
 
+def parameter_table(params: Any) -> str:
+    """Parameter count per top-level module and in total."""
+    rows = [(name, sum(x.size for x in jax.tree.leaves(subtree)))
+            for name, subtree in params.items()]
+    total = sum(count for _, count in rows)
+    width = max(len(name) for name, _ in rows + [("total", 0)])
+    lines = [f"{name:<{width}}  {count:>12,}" for name, count in rows]
+    return "\n".join([*lines, f"{'total':<{width}}  {total:>12,}"])
+
+
+def step_summary(compiled: jax.stages.Compiled, *, batch_size: int) -> dict[str, float]:
+    """FLOPs and memory of one compiled train step, from XLA's own analyses.
+
+    ``temp_gib`` is XLA's temporary buffer size: activations kept for the backward pass
+    plus workspace, i.e. the activation memory estimate (per device).
+    """
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    summary = {"gflops_per_step": float(cost.get("flops", float("nan"))) / 1e9}
+    summary["gflops_per_image"] = summary["gflops_per_step"] / batch_size
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        summary["temp_gib"] = memory.temp_size_in_bytes / 2**30
+        summary["argument_gib"] = memory.argument_size_in_bytes / 2**30
+    return summary
+
+
+def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
+                        compiled: jax.stages.Compiled) -> None:
+    """Parameters per module, FLOPs and memory per step: to the log and WORKDIR/summary.txt."""
+    lines = [f"Model {config.model.name}", parameter_table(state.params)]
+    figures = step_summary(compiled, batch_size=config.batch_size)
+    lines.append(f"Train step (batch {config.batch_size} x {config.crop_size}^2): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+    text = "\n".join(lines)
+    logging.info("%s", text)
+    if parallel.is_main_process():
+        with open(os.path.join(workdir, "summary.txt"), "w") as f:
+            f.write(text + "\n")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
@@ -377,6 +489,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = metric_writers.create_default_writer(workdir, just_logging=not main_process)
     logging.info("Devices: %d (%s), processes: %d", jax.device_count(),
                  jax.devices()[0].platform, jax.process_count())
+    parallel.local_batch_size(config.batch_size)  # Fail early on an indivisible batch.
+    if config.batch_size % config.grad_accum_steps:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                         f"config.grad_accum_steps={config.grad_accum_steps}.")
 
     # --- Data -------------------------------------------------------------------------
     dataset = config.dataset
@@ -398,10 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("Class weights (%s): %s", config.class_weights,
                      {name: round(float(weight), 4) for name, weight in
                       zip(experiment.metadata.class_names, class_weights)})
-    parallel.local_batch_size(config.batch_size)  # Fail early on an indivisible batch.
     state = experiment.init_state()
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("Model %s: %s parameters", config.model.name, f"{num_params:,}")
 
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
     last_saved = checkpointer.latest_step()
@@ -413,12 +526,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         hparams = {k: str(v) if isinstance(v, (list, tuple)) else v
                    for k, v in _flatten(config.to_dict()).items() if v is not None}
         writer.write_hparams(hparams)
+    normalisation = {"mean": list(config.dataset.mean), "std": list(config.dataset.std)}
 
     # --- Loop ---------------------------------------------------------------------------
-    schedule = learning_rate_schedule(config)
     report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                                       writer=writer)
-    step_metrics, input_wait = [], 0.0
+    compiled_step = None
+    step_metrics, input_wait, interval_start = [], 0.0, time.perf_counter()
     # However the loop ends (a divergence included), pending saves finish first: the last
     # good checkpoint is always complete on disk.
     try:
@@ -427,10 +541,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 is_last = step == config.num_train_steps
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     wait_start = time.perf_counter()
-                    batch = next(train_iter)
+                    batch = parallel.shard_batch(next(train_iter), experiment.mesh)
                     input_wait += time.perf_counter() - wait_start
-                    state, metrics = experiment.train_step(
-                        state, parallel.shard_batch(batch, experiment.mesh))
+                    if compiled_step is None:
+                        # Compile once, ahead of time, and read XLA's cost analysis from it.
+                        compiled_step = experiment.train_step.lower(state, batch).compile()
+                        write_model_summary(workdir, config, state, compiled_step)
+                        interval_start = time.perf_counter()
+                    state, metrics = compiled_step(state, batch)
                     step_metrics.append(metrics)
                 report_progress(step, time.perf_counter())
 
@@ -441,26 +559,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                 jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
                                                             *step_metrics)).items()}
                     _check_finite(averaged, step, last_saved, workdir)
-                    averaged["learning_rate"] = float(schedule(step - 1))
-                    # Seconds per step spent waiting for the input pipeline: when this
-                    # approaches the step time, the loader is the bottleneck.
-                    averaged["input_wait_seconds"] = input_wait / len(step_metrics)
-                    writer.write_scalars(step, {f"train/{k}": v for k, v in averaged.items()})
-                    step_metrics, input_wait = [], 0.0
+                    now = time.perf_counter()
+                    summary = {f"train/{k}": v for k, v in averaged.items()}
+                    summary["timing/step_seconds"] = (now - interval_start) / len(step_metrics)
+                    # When the input wait nears the step time, the loader is the bottleneck.
+                    summary["timing/input_wait_seconds"] = input_wait / len(step_metrics)
+                    writer.write_scalars(step, summary)
+                    step_metrics, input_wait, interval_start = [], 0.0, now
 
-                eval_scores = None
+                eval_scores, stop_early = None, False
                 if do_eval:
-                    with report_progress.timed("eval"):
-                        eval_scores = experiment.evaluate_split(state, eval_source)
+                    eval_start = time.perf_counter()
+                    eval_scores = experiment.evaluate_split(state, eval_source)
                     panels = experiment.predict_panels(state, panel_examples)
+                    writer.write_scalars(step, {
+                        "timing/eval_seconds": time.perf_counter() - eval_start})
                     _report_evaluation(writer, step, eval_scores, panels, experiment.metadata,
                                        workdir=workdir, split=dataset.eval_split)
-                if do_save:
+                    tracker = update_tracker(state.tracker, eval_scores["miou"], config)
+                    state = state.replace(tracker=jax.device_put(
+                        tracker, parallel.replicated(experiment.mesh)))
+                    writer.write_scalars(step, {"train/lr_scale": float(tracker["lr_scale"])})
+                    patience = config.early_stopping_patience
+                    stop_early = patience > 0 and tracker["evals_since_best"] >= patience
+                if do_save or stop_early:
                     ranking = ({checkpoints.BEST_METRIC: eval_scores["miou"]}
                                if eval_scores else None)
                     with report_progress.timed("checkpoint"):
-                        checkpointer.save(step, state, train_iter, metrics=ranking)
+                        checkpointer.save(step, state, train_iter, metrics=ranking,
+                                          normalisation=normalisation)
                     last_saved = step
+                if do_eval or do_save:  # Keep evaluation out of the step timing.
+                    interval_start = time.perf_counter()
+                if stop_early:
+                    logging.info("Early stopping at step %d: no better validation mIoU in %d "
+                                 "evaluations (best %.4f).", step, patience,
+                                 float(state.tracker["best_miou"]))
+                    break
     finally:
         checkpointer.wait()
         checkpointer.close()

@@ -1,0 +1,141 @@
+"""Learning-rate range test (Smith 2017): which learning rate to train a config with.
+
+    python -m lcseg.lr_finder --config configs/unet_synthetic.py --workdir runs/lr_find
+
+Trains from the config's initialisation while the learning rate grows exponentially from
+``--min_lr`` to ``--max_lr`` over ``--steps`` steps, smooths the loss with a
+bias-corrected exponential moving average, stops once the smoothed loss exceeds
+``--divergence`` times its minimum, and suggests the learning rate where the smoothed
+loss falls fastest (steepest negative slope against log learning rate), capped at a tenth
+of the rate with the lowest loss. Writes ``WORKDIR/lr_finder.png`` (loss against learning
+rate, suggestion marked) and ``WORKDIR/lr_finder.json``, and prints the suggestion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lcseg import parallel, train
+from lcseg.data import open_split, pipeline, prepare
+
+FLAGS = flags.FLAGS
+
+
+def smooth(losses: np.ndarray, beta: float = 0.9) -> np.ndarray:
+    """Bias-corrected exponential moving average (fastai's smoothing)."""
+    average, smoothed = 0.0, []
+    for index, loss in enumerate(losses, start=1):
+        average = beta * average + (1 - beta) * loss
+        smoothed.append(average / (1 - beta**index))
+    return np.asarray(smoothed)
+
+
+def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> float:
+    """The learning rate of steepest descent of the smoothed loss (vs log lr).
+
+    Capped at a tenth of the rate of minimum loss: past the minimum, training diverges,
+    and the steepest point of a short sweep can sit right before it.
+    """
+    slopes = np.gradient(smoothed, np.log(learning_rates))
+    steepest = float(learning_rates[int(np.argmin(slopes))])
+    return min(steepest, float(learning_rates[int(np.argmin(smoothed))]) / 10)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6,
+        max_lr: float = 1.0, steps: int = 100, divergence: float = 4.0) -> dict[str, Any]:
+    """Runs the range test and writes the plot; returns the sweep and the suggestion."""
+    os.makedirs(workdir, exist_ok=True)
+    dataset = config.dataset
+    prepare(dataset.name, dataset.data_dir, dataset.manual_dir)
+    source = open_split(dataset.name, dataset.train_split, dataset.data_dir)
+    batches = pipeline.train_iterator(source, batch_size=config.batch_size,
+                                      crop_size=config.crop_size, seed=config.seed,
+                                      workers=config.data.workers)
+    ratio = max_lr / min_lr
+
+    def sweep(step):
+        return min_lr * ratio ** (jnp.asarray(step, jnp.float32) / max(steps - 1, 1))
+
+    experiment = train.Experiment(config, class_weights=train.resolve_class_weights(config),
+                                  schedule=sweep)
+    state = experiment.init_state()
+    learning_rates, losses = [], []
+    for step in range(steps):
+        state, metrics = experiment.train_step(
+            state, parallel.shard_batch(next(batches), experiment.mesh))
+        loss = float(metrics["loss"])
+        learning_rates.append(float(sweep(step)))
+        losses.append(loss)
+        smoothed = smooth(np.asarray(losses))
+        if not np.isfinite(loss) or smoothed[-1] > divergence * smoothed.min():
+            logging.info("Loss diverged at lr %.3g (step %d): stopping.", learning_rates[-1],
+                         step)
+            break
+    learning_rates = np.asarray(learning_rates)
+    losses = np.asarray(losses)
+    finite = np.isfinite(losses)
+    smoothed = smooth(losses[finite])
+    suggestion = suggest(learning_rates[finite], smoothed)
+    result = {"suggested_learning_rate": suggestion, "learning_rates": learning_rates.tolist(),
+              "losses": [float(x) for x in losses], "smoothed": smoothed.tolist()}
+    with open(os.path.join(workdir, "lr_finder.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    result["plot"] = plot(os.path.join(workdir, "lr_finder.png"), learning_rates[finite],
+                          losses[finite], smoothed, suggestion)
+    return result
+
+
+def plot(path: str, learning_rates: np.ndarray, losses: np.ndarray, smoothed: np.ndarray,
+         suggestion: float) -> str:
+    """Loss against learning rate (log scale) with the suggestion marked; returns path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(learning_rates, losses, color="0.75", linewidth=1, label="loss")
+    axes.plot(learning_rates, smoothed, color="C0", linewidth=2, label="smoothed")
+    axes.axvline(suggestion, color="C3", linestyle="--",
+                 label=f"suggested lr = {suggestion:.2g}")
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.set_ylim(top=min(float(np.max(losses)), 4 * float(np.min(smoothed))) * 1.05)
+    axes.set_title("Learning-rate range test")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the plot and JSON go.")
+    flags.DEFINE_float("min_lr", 1e-6, "Start of the sweep.")
+    flags.DEFINE_float("max_lr", 1.0, "End of the sweep.")
+    flags.DEFINE_integer("steps", 100, "Steps of the sweep (at most).")
+    flags.DEFINE_float("divergence", 4.0, "Stop when the loss exceeds this x its minimum.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    result = run(FLAGS.config, FLAGS.workdir, min_lr=FLAGS.min_lr, max_lr=FLAGS.max_lr,
+                 steps=FLAGS.steps, divergence=FLAGS.divergence)
+    print(f"Suggested learning rate: {result['suggested_learning_rate']:.3g}")
+    print(f"Plot: {result['plot']}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
