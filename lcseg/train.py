@@ -391,11 +391,25 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with; fields added to lcseg since take defaults."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    from configs import default  # The defaults live with the configs.
+
+    def merge(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(defaults)
+        for key, value in values.items():
+            # config.model holds the chosen model's own options: take it as saved.
+            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "model":
+                merged[key] = merge(merged[key], value)
+            else:
+                merged[key] = value
+        return merged
+
+    return ml_collections.ConfigDict(merge(default.get_config().to_dict(), saved))
 
 
 # ---------------------------------------------------------------------------------------

@@ -228,3 +228,14 @@ def test_class_weights_come_from_the_configured_training_split(synthetic_data_di
     recorded = train.train_class_counts("synthetic", synthetic_data_dir)
     np.testing.assert_allclose(train.resolve_class_weights(config),
                                compute_class_weights("inverse", recorded), rtol=1e-6)
+
+
+def test_workdirs_of_older_versions_load_with_new_fields_defaulted(tmp_path):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"dataset": {"name": "synthetic", "mean": [0.5, 0.5, 0.5]},
+                   "model": {"name": "unet", "channels": [4, 8]}, "learning_rate": 0.5}, f)
+    config = train.load_config(str(tmp_path))
+    assert config.learning_rate == 0.5 and config.dataset.mean == [0.5, 0.5, 0.5]
+    assert config.dataset.std == (0.229, 0.224, 0.225)  # added from the defaults
+    assert config.ema_decay == 0.0 and dict(config.model) == {"name": "unet",
+                                                               "channels": [4, 8]}
