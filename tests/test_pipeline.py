@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lcseg.data import open_split, prepare, train_class_counts
+from lcseg.data.augment import resize_example
 from lcseg.data.pipeline import eval_batches, train_iterator
 
 
@@ -97,3 +98,18 @@ def test_eval_batches_cover_every_pixel_exactly_once():
     expected = np.concatenate([np.bincount(e["label"].ravel(), minlength=6) for e in source])
     got = np.bincount(labels[labels != 255].ravel(), minlength=6)
     np.testing.assert_array_equal(got, expected.reshape(3, -1).sum(0))
+
+
+
+def test_downscale_resizes_examples_before_tiling_and_cropping():
+    source = aligned_source(3, 45, 70)
+    batches = list(eval_batches(source, batch_size=4, tile_size=16, downscale=0.5))
+    labels = np.concatenate([b["label"] for b in batches])
+    assert np.sum(labels != 255) == 3 * 23 * 35  # metrics count the downscaled pixels
+    image, label = resize_example(source[0]["image"], source[0]["label"], 0.5)
+    np.testing.assert_array_equal(batches[0]["image"][0], image[:16, :16])
+    np.testing.assert_array_equal(batches[0]["label"][0], label[:16, :16])
+    assert set(np.unique(labels)) <= set(range(6)) | {255}  # labels resampled nearest
+    batch = next(train_iterator(source, batch_size=3, crop_size=16, seed=0, downscale=0.25))
+    assert batch["label"].shape == (3, 16, 16)
+    assert np.sum(batch["label"] != 255) == 3 * 11 * 16  # 45 x 70 -> 11 x 18

@@ -1,23 +1,29 @@
 """The grain input pipeline: training batches of random crops, evaluation batches of tiles.
 
-Training: one global, seeded stream of examples (a shuffle that changes every epoch, a
-random crop to ``crop_size``, padded with the ignore label when an image is smaller, and
-random flips), of which each process reads its share in batches of
-``batch_size / process_count``, optionally prepared in ``workers`` worker processes. The
-iterator's state is checkpointed, so a resumed run sees exactly the batches an
-uninterrupted one would.
+Training: one global, seeded stream of examples (a shuffle that changes every epoch, then
+the configured augmentation, ``lcseg.data.augment``: by default a random crop to
+``crop_size``, padded with the ignore label when an image is smaller, and random flips),
+of which each process reads its share in batches of ``batch_size / process_count``,
+optionally prepared in ``workers`` worker processes. The iterator's state is
+checkpointed, so a resumed run sees exactly the batches an uninterrupted one would.
 
 Evaluation covers every pixel exactly once: each image is cut into non-overlapping
 ``tile_size`` tiles (edges padded with the ignore label, which metrics skip), and the last
 batch is filled with all-ignored tiles, so every batch has the same shape and the
 compiled step never recompiles.
 
+Resolution: ``downscale`` (``config.data.downscale``, e.g. 0.25) resizes every example
+(image bilinear, antialiased; label nearest) before augmentation in training and before
+tiling in evaluation, so the model trains and is evaluated at that fraction of the full
+resolution, and evaluation metrics are computed on the downscaled labels (not on the
+full-resolution ground truth). ``downscale=1`` is full resolution.
+
 Batches stay uint8 on the host (4x less to copy); ``normalize_images`` runs on device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcseg.data.augment import Augment, AugmentOptions, resize_example
 from lcseg.data.metadata import IGNORE_LABEL
 
 
@@ -38,31 +45,10 @@ def pad_to_at_least(image: np.ndarray, label: np.ndarray, height: int, width: in
     return image, label
 
 
-class RandomCropFlip(grain.transforms.RandomMap):
-    """Random ``crop_size`` crop and random horizontal / vertical flips of image and label."""
-
-    def __init__(self, crop_size: int, ignore_label: int = IGNORE_LABEL):
-        self.crop_size = crop_size
-        self.ignore_label = ignore_label
-
-    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        size = self.crop_size
-        image, label = pad_to_at_least(example["image"], example["label"], size, size,
-                                       self.ignore_label)
-        top = rng.integers(0, label.shape[0] - size + 1)
-        left = rng.integers(0, label.shape[1] - size + 1)
-        image = image[top:top + size, left:left + size]
-        label = label[top:top + size, left:left + size]
-        if rng.random() < 0.5:
-            image, label = image[:, ::-1], label[:, ::-1]
-        if rng.random() < 0.5:
-            image, label = image[::-1], label[::-1]
-        return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
-
-
 def train_iterator(source: Sequence[dict[str, Any]], *, batch_size: int, crop_size: int,
-                   seed: int, workers: int = 0,
-                   ignore_label: int = IGNORE_LABEL) -> grain.DatasetIterator:
+                   seed: int, workers: int = 0, ignore_label: int = IGNORE_LABEL,
+                   augment: Mapping[str, Any] | AugmentOptions | None = None,
+                   downscale: float = 1.0) -> grain.DatasetIterator:
     """An endless iterator of this process's training batches (``image``, ``label``, uint8).
 
     Args:
@@ -72,10 +58,16 @@ def train_iterator(source: Sequence[dict[str, Any]], *, batch_size: int, crop_si
       seed: shuffling and augmentation seed (the same on every process).
       workers: grain worker processes; 0 prepares batches in the main process.
       ignore_label: label for padded pixels.
+      augment: ``config.augment`` (ops and options, see ``lcseg.data.augment``); None:
+        random crop and flips.
+      downscale: resize factor applied to each example before augmentation.
 
     Returns:
       A grain iterator; ``get_state``/``set_state`` (and Orbax) checkpoint its position.
     """
+    # Built before any data is read, so a bad config fails at once, not in a worker.
+    augmentation = Augment(AugmentOptions.from_config(augment), crop_size=crop_size,
+                           ignore_label=ignore_label, downscale=downscale)
     process_count = jax.process_count()
     if batch_size % process_count:
         raise ValueError(f"config.batch_size={batch_size} is not divisible by the "
@@ -83,7 +75,7 @@ def train_iterator(source: Sequence[dict[str, Any]], *, batch_size: int, crop_si
     dataset = grain.MapDataset.source(source).seed(seed)
     # Shuffle before repeat: grain draws a new permutation for every epoch.
     dataset = dataset.shuffle().repeat()
-    dataset = dataset.random_map(RandomCropFlip(crop_size, ignore_label))
+    dataset = dataset.random_map(augmentation)
     # Each process takes every process_count-th element of the one global stream (lazily:
     # it reads only its own). Global batch k then holds the same examples, with the same
     # crops, whatever the number of processes, so results do not depend on the cluster.
@@ -96,8 +88,21 @@ def train_iterator(source: Sequence[dict[str, Any]], *, batch_size: int, crop_si
 
 
 def image_tiles(image: np.ndarray, label: np.ndarray, tile_size: int,
-                ignore_label: int = IGNORE_LABEL) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Non-overlapping tiles covering the image; edge tiles padded (label: ignore)."""
+                ignore_label: int = IGNORE_LABEL, *,
+                downscale: float = 1.0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Non-overlapping tiles covering the image; edge tiles padded (label: ignore).
+
+    Args:
+      image: uint8 ``[h, w, 3]``.
+      label: uint8 ``[h, w]``.
+      tile_size: side of the square tiles.
+      ignore_label: label of padding.
+      downscale: resize factor applied to the example before tiling.
+
+    Yields:
+      ``(image tile, label tile)``, row by row.
+    """
+    image, label = resize_example(image, label, downscale)
     height, width = label.shape
     for top in range(0, height, tile_size):
         for left in range(0, width, tile_size):
@@ -107,7 +112,8 @@ def image_tiles(image: np.ndarray, label: np.ndarray, tile_size: int,
 
 
 def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, tile_size: int,
-                 ignore_label: int = IGNORE_LABEL) -> Iterator[dict[str, np.ndarray]]:
+                 ignore_label: int = IGNORE_LABEL,
+                 downscale: float = 1.0) -> Iterator[dict[str, np.ndarray]]:
     """This process's evaluation batches: every pixel of its examples exactly once.
 
     Args:
@@ -115,6 +121,8 @@ def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, tile_size
       batch_size: global batch size (each process yields ``batch_size / process_count``).
       tile_size: side of the square tiles.
       ignore_label: label of padding (not counted by metrics).
+      downscale: resize factor applied to each example before tiling; metrics are then
+        computed at that resolution.
 
     Yields:
       ``{'image': uint8 [b, t, t, 3], 'label': uint8 [b, t, t]}``; the last batch is
@@ -125,7 +133,7 @@ def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, tile_size
     for index in range(jax.process_index(), len(source), jax.process_count()):
         example = source[index]
         for image, label in image_tiles(example["image"], example["label"], tile_size,
-                                        ignore_label):
+                                        ignore_label, downscale=downscale):
             images.append(image)
             labels.append(label)
             if len(images) == local_batch:
