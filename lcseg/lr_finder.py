@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lcseg import parallel, train
-from lcseg.data import open_split, pipeline, prepare
+from lcseg.data import open_split, prepare
 
 FLAGS = flags.FLAGS
 
@@ -56,9 +56,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6
     dataset = config.dataset
     prepare(dataset.name, dataset.data_dir, dataset.manual_dir)
     source = open_split(dataset.name, dataset.train_split, dataset.data_dir)
-    batches = pipeline.train_iterator(source, batch_size=config.batch_size,
-                                      crop_size=config.crop_size, seed=config.seed,
-                                      workers=config.data.workers)
     ratio = max_lr / min_lr
 
     def sweep(step):
@@ -66,6 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6
 
     experiment = train.Experiment(config, class_weights=train.resolve_class_weights(config),
                                   schedule=sweep)
+    batches = experiment.train_iterator(source)
     state = experiment.init_state()
     learning_rates, losses = [], []
     for step in range(steps):

@@ -325,6 +325,15 @@ class Experiment:
         self.predict_step = jax.jit(functools.partial(predict_step, **normalisation),
                                     in_shardings=(replicated, batch), out_shardings=replicated)
 
+    def train_iterator(self, source) -> Any:
+        """The training batches of ``source`` as the config describes them."""
+        config = self.config
+        return pipeline.train_iterator(
+            source, batch_size=config.batch_size, crop_size=config.crop_size,
+            seed=config.seed, workers=config.data.workers,
+            ignore_label=self.metadata.ignore_label, augment=config.augment,
+            downscale=config.data.downscale)
+
     def init_state(self) -> TrainState:
         return create_train_state(self.config, self.model, self.mesh)
 
@@ -337,7 +346,8 @@ class Experiment:
         return evaluate(
             self.eval_step, state,
             pipeline.eval_batches(source, batch_size=config.eval_batch_size,
-                                  tile_size=config.eval_tile_size, ignore_label=ignore),
+                                  tile_size=config.eval_tile_size, ignore_label=ignore,
+                                  downscale=config.data.downscale),
             mesh=self.mesh, num_classes=self.metadata.num_classes,
             empty_batch=pipeline.empty_batch(config.eval_batch_size, config.eval_tile_size,
                                              ignore))
@@ -346,7 +356,9 @@ class Experiment:
         """``image | truth | prediction`` panels of examples' top-left eval tiles."""
         tile = self.config.eval_tile_size
         tiles = [next(pipeline.image_tiles(e["image"], e["label"], tile,
-                                           self.metadata.ignore_label)) for e in examples]
+                                           self.metadata.ignore_label,
+                                           downscale=self.config.data.downscale))
+                 for e in examples]
         images = np.stack([t[0] for t in tiles])
         labels = np.stack([t[1] for t in tiles])
         # Every process holds the same panel batch; pad it to a multiple of the devices.
@@ -515,9 +527,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.sync("dataset_prepared")
     train_source = open_split(dataset.name, dataset.train_split, dataset.data_dir)
     eval_source = open_split(dataset.name, dataset.eval_split, dataset.data_dir)
-    train_iter = pipeline.train_iterator(
-        train_source, batch_size=config.batch_size, crop_size=config.crop_size,
-        seed=config.seed, workers=config.data.workers)
     panel_examples = [eval_source[i] for i in range(min(config.num_panel_images,
                                                         len(eval_source)))]
 
@@ -528,6 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("Class weights (%s): %s", config.class_weights,
                      {name: round(float(weight), 4) for name, weight in
                       zip(experiment.metadata.class_names, class_weights)})
+    train_iter = experiment.train_iterator(train_source)
     state = experiment.init_state()
 
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
