@@ -694,6 +694,13 @@ class Predictor:
         from lcseg import train
 
         config = experiment.config
+        if config.data.downscale != 1:
+            # Predicting full-resolution windows with a model trained on downscaled ones
+            # would silently change the ground sampling distance it sees.
+            raise ValueError(
+                f"This model was trained with config.data.downscale={config.data.downscale}; "
+                "whole-scene prediction runs at full resolution only. Resample the scene "
+                f"by {config.data.downscale} first (e.g. gdalwarp -tr), then predict.")
         return cls(experiment.model, train.inference_variables(state),
                    metadata=experiment.metadata, mean=config.dataset.mean,
                    std=config.dataset.std, dtype=train.compute_dtype(config),
