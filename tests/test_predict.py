@@ -424,3 +424,11 @@ def test_full_scene_evaluation_counts_every_labelled_pixel(trained_workdir):
     np.testing.assert_array_equal(np.sum(report["confusion_matrix"], axis=1),
                                   np.sum(tiled["confusion_matrix"], axis=1))
     assert abs(scores["accuracy"] - tiled["accuracy"]) < 0.2
+
+
+def test_models_trained_downscaled_are_refused_with_a_clear_message(synthetic_data_dir):
+    config = tiny_config(synthetic_data_dir)
+    config.data.downscale = 0.5
+    experiment = train.Experiment(config)
+    with pytest.raises(ValueError, match="downscale=0.5.*full resolution"):
+        predict.Predictor.from_experiment(experiment, experiment.init_state())
