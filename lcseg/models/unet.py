@@ -102,7 +102,8 @@ class UNet(nn.Module):
         """The channels of each level after the width multiplier."""
         return tuple(max(1, round(c * self.width_multiplier)) for c in self.channels)
 
-    def _convs(self) -> tuple[int, ...]:
+    def level_convs(self) -> tuple[int, ...]:
+        """The 3x3 convolutions of each level (encoder and decoder alike)."""
         if isinstance(self.convs_per_level, int):
             return (self.convs_per_level,) * len(self.channels)
         if len(self.convs_per_level) != len(self.channels):
@@ -115,7 +116,7 @@ class UNet(nn.Module):
         if self.upsampling not in ("transpose", "bilinear"):
             raise ValueError(f"upsampling must be 'transpose' or 'bilinear', "
                              f"got {self.upsampling!r}")
-        convs = self._convs()
+        convs = self.level_convs()
         channels = self.level_channels()
         height, width = images.shape[1:3]
         x = pad_to_multiple(images, 2 ** (len(channels) - 1)).astype(self.dtype)

@@ -1,0 +1,36 @@
+"""A parameter table of a model: count per top-level module and total."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def count_parameters(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays (or of ``ShapeDtypeStruct``s)."""
+    return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))
+
+
+def summary(params: Mapping[str, Any]) -> str:
+    """A table of parameters per top-level module (by name) and the total.
+
+    Args:
+      params: the ``params`` collection (or the whole ``variables`` dict, whose
+        ``params`` is then used); arrays or shape structs (``jax.eval_shape`` works).
+
+    Returns:
+      The table as text, one module per line, with the total at the bottom.
+    """
+    if "params" in params and isinstance(params["params"], Mapping):
+        params = params["params"]
+    counts = {name: count_parameters(subtree) for name, subtree in params.items()}
+    total = sum(counts.values())
+    width = max([len("total"), *map(len, counts)])
+    lines = [f"{'module':<{width}}  {'parameters':>13}  {'share':>6}"]
+    for name, count in counts.items():
+        lines.append(f"{name:<{width}}  {count:>13,}  {count / max(total, 1):>6.1%}")
+    lines.append(f"{'total':<{width}}  {total:>13,}")
+    return "\n".join(lines)
