@@ -30,7 +30,8 @@ from lcseg.class_weights import compute_class_weights
 from lcseg.data import get_metadata, open_split, pipeline, prepare, train_class_counts
 from lcseg.data.metadata import DatasetMetadata
 from lcseg.metrics import ConfusionMatrix, scores_from_confusion, write_scores_json
-from lcseg.models import create_model
+from lcseg.models import create_model, load_pretrained, pretrained_normalisation
+from lcseg.models import summary as model_summary
 from lcseg.visualize import comparison_panels, confusion_heatmap
 
 CONFIG_FILE = "config.json"
@@ -455,14 +456,15 @@ def _report_evaluation(writer: metric_writers.MetricWriter, step: int, scores: d
     logging.info("Step %d, %s:\n%s", step, split, format_scores_table(scores, metadata))
 
 
-def parameter_table(params: Any) -> str:
-    """Parameter count per top-level module and in total."""
-    rows = [(name, sum(x.size for x in jax.tree.leaves(subtree)))
-            for name, subtree in params.items()]
-    total = sum(count for _, count in rows)
-    width = max(len(name) for name, _ in rows + [("total", 0)])
-    lines = [f"{name:<{width}}  {count:>12,}" for name, count in rows]
-    return "\n".join([*lines, f"{'total':<{width}}  {total:>12,}"])
+def with_pretrained_weights(state: TrainState, path: str, mesh) -> TrainState:
+    """The state with the pretrained encoder weights of ``path`` copied in."""
+    host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    variables, _ = load_pretrained(host, path)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    logging.info("Loaded pretrained weights from %s", path)
+    return state.replace(
+        params=variables["params"], batch_stats=variables["batch_stats"],
+        ema_params=variables["params"] if state.ema_params is not None else None)
 
 
 def step_summary(compiled: jax.stages.Compiled, *, batch_size: int) -> dict[str, float]:
@@ -485,7 +487,7 @@ def step_summary(compiled: jax.stages.Compiled, *, batch_size: int) -> dict[str,
 def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
                         compiled: jax.stages.Compiled) -> None:
     """Parameters per module, FLOPs and memory per step: to the log and WORKDIR/summary.txt."""
-    lines = [f"Model {config.model.name}", parameter_table(state.params)]
+    lines = [f"Model {config.model.name}", model_summary(state.params)]
     figures = step_summary(compiled, batch_size=config.batch_size)
     lines.append(f"Train step (batch {config.batch_size} x {config.crop_size}^2): "
                  + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
@@ -509,6 +511,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parallel.initialize_multihost(config.multihost)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     main_process = parallel.is_main_process()
+    pretrained = config.model.get("pretrained")
+    if pretrained:
+        # Pretrained weights expect their own input statistics; recording them in the
+        # config makes evaluation and prediction use them too.
+        normalisation = pretrained_normalisation(pretrained)
+        config.dataset.mean = tuple(normalisation["mean"])
+        config.dataset.std = tuple(normalisation["std"])
     if main_process:
         os.makedirs(workdir, exist_ok=True)
         save_config(config, workdir)
@@ -545,6 +554,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if last_saved is not None:
         logging.info("Resuming from the checkpoint of step %d", last_saved)
         state = checkpointer.restore(last_saved, state, train_iter)
+    elif pretrained:
+        state = with_pretrained_weights(state, pretrained, experiment.mesh)
     initial_step = int(state.step)
     if initial_step == 0 and main_process:
         hparams = {k: str(v) if isinstance(v, (list, tuple)) else v

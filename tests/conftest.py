@@ -11,6 +11,11 @@ from absl import flags
 # Four CPU devices in this process, so data-parallel code paths run for real. Subprocesses
 # started by tests get their own count (one unless they say otherwise).
 jax.config.update("jax_num_cpu_devices", 4)
+# XLA:CPU compiles threefry's parameter initialisation slowly (seconds per model); the
+# 'rbg' generator compiles in a fraction of that. Tests compare runs with each other, not
+# with fixed random values, so the generator does not matter to what they check.
+jax.config.update("jax_default_prng_impl", "rbg")
+TEST_ENV = {"JAX_DEFAULT_PRNG_IMPL": "rbg"}
 
 # grain worker processes and absl-based code read flags; tests have none to parse.
 flags.FLAGS.mark_as_parsed()
@@ -32,6 +37,7 @@ def run_python(args: list[str], *, env: dict[str, str] | None = None, timeout: f
                check: bool = True) -> subprocess.CompletedProcess:
     """Runs ``python ARGS`` from the repository root with a clean JAX device setup."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    full_env.update(TEST_ENV)
     full_env.update(env or {})
     result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=full_env,
                             capture_output=True, text=True, timeout=timeout)

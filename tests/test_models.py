@@ -311,13 +311,12 @@ def test_checkpoints_that_would_run_code_are_refused(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_model_family_trains_through_main(synthetic_data_dir, tmp_path):
     # One run per module: the U-Net (presets included) trains in tests/test_train.py;
     # the smp layout of DeepLabv3+ differs from the standard one only in its blocks, whose
     # forward passes are checked against PyTorch. The two runs start together: much of
-    # each is Python start-up, which overlaps well. The 'rbg' generator compiles the
-    # initialisation of ~100 parameters in a fraction of threefry's time on CPU (about
-    # 15 s less per run); the models do not depend on the generator.
+    # each is Python start-up, which overlaps well.
     keys = ["deeplabv3plus", "unetpp"]
 
     def train(key):
@@ -326,7 +325,7 @@ def test_every_model_family_trains_through_main(synthetic_data_dir, tmp_path):
                     "--workdir", str(workdir), f"--config.dataset.data_dir={synthetic_data_dir}",
                     "--config.num_train_steps=2", "--config.eval_every_steps=2",
                     "--config.checkpoint_every_steps=2"],
-                   env={"JAX_DEFAULT_PRNG_IMPL": "rbg"}, timeout=600)
+                   timeout=600)
         with open(workdir / "eval" / "validation-2.json") as f:
             return json.load(f)
 

@@ -22,7 +22,7 @@ from configs import test as test_config
 from lcseg import evaluate, parallel, train
 from lcseg.data import open_split
 from lcseg.data.pipeline import train_iterator
-from tests.conftest import REPO_ROOT, run_python
+from tests.conftest import REPO_ROOT, TEST_ENV, run_python
 
 
 def tiny_config(data_dir, **overrides):
@@ -168,8 +168,8 @@ def test_killed_run_resumes_bit_identically(synthetic_data_dir, tmp_path):
 
     killed = str(tmp_path / "killed")
     process = subprocess.Popen([sys.executable, *_main_args(killed, synthetic_data_dir, *steps)],
-                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               cwd=REPO_ROOT, env={**os.environ, **TEST_ENV},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     first = os.path.join(killed, "checkpoints", "5", "commit_success.txt")
     while not os.path.exists(first) and process.poll() is None and time.time() < deadline:
@@ -202,6 +202,7 @@ def test_two_processes_train_like_one(synthetic_data_dir, tmp_path):
     processes = []
     for process_id in range(2):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(TEST_ENV)
         env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(process_id))
         processes.append(subprocess.Popen(

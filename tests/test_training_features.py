@@ -180,3 +180,30 @@ def test_lr_finder_suggestion_on_a_known_curve():
     loss = 2 - 1.5 / (1 + np.exp(-4 * (log_rates + 3))) + np.where(log_rates > -1,
                                                                      (log_rates + 1) * 5, 0)
     assert lr_finder.suggest(rates, loss) == pytest.approx(1e-3, rel=0.3)
+
+
+def test_pretrained_encoder_weights_and_their_normalisation_are_used(synthetic_data_dir,
+                                                                     tmp_path):
+    from configs import test_models
+    from lcseg.models import import_weights
+    from tests.test_models import encoder_weights
+
+    source, state_dict = encoder_weights("resnet18", 4)
+    np.savez(tmp_path / "resnet18.npz", **state_dict)
+    converted = str(tmp_path / "converted.npz")
+    import_weights.main([str(tmp_path / "resnet18.npz"), converted, "--mean", "0.4", "0.5",
+                         "0.6", "--std", "0.1", "0.2", "0.3"])
+    config = test_models.get_config("deeplabv3plus")
+    config.dataset.data_dir = synthetic_data_dir
+    config.model.pretrained = converted
+    config.learning_rate, config.schedule, config.num_train_steps = 0.0, "constant", 2
+    config.eval_every_steps = config.checkpoint_every_steps = 2
+    workdir = str(tmp_path / "run")
+    state = train.train_and_evaluate(config, workdir)
+    # A zero learning rate leaves the imported encoder weights exactly as loaded.
+    assert_trees_equal(jax.device_get(state.params["encoder"]), source["params"])
+    saved = train.load_config(workdir)
+    assert tuple(saved.dataset.mean) == (0.4, 0.5, 0.6)
+    assert tuple(saved.dataset.std) == (0.1, 0.2, 0.3)
+    checkpointer = train.checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert checkpointer.normalisation(2) == {"mean": [0.4, 0.5, 0.6], "std": [0.1, 0.2, 0.3]}
