@@ -41,12 +41,15 @@ def smooth(losses: np.ndarray, beta: float = 0.9) -> np.ndarray:
 def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> float:
     """The learning rate of steepest descent of the smoothed loss (vs log lr).
 
-    Capped at a tenth of the rate of minimum loss: past the minimum, training diverges,
-    and the steepest point of a short sweep can sit right before it.
+    Capped at a tenth of the rate of minimum loss (past the minimum, training diverges,
+    and the steepest point of a short sweep can sit right before it), and never below the
+    sweep's first rate.
     """
     slopes = np.gradient(smoothed, np.log(learning_rates))
     steepest = float(learning_rates[int(np.argmin(slopes))])
-    return min(steepest, float(learning_rates[int(np.argmin(smoothed))]) / 10)
+    capped = min(steepest, float(learning_rates[int(np.argmin(smoothed))]) / 10)
+    # Never below the sweep: a loss lowest at the very start says "lower min_lr".
+    return max(capped, float(learning_rates[0]))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6,

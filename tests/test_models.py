@@ -161,8 +161,12 @@ def test_bfloat16_forward_is_finite_and_close_to_float32(key):
     variables, images, f32 = tiny_outputs(key)
     bf16 = jax.jit(tiny_model(key, dtype=jnp.bfloat16).apply)(variables, images)
     assert bf16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(bf16)))
-    scale = float(jnp.max(jnp.abs(f32)))
-    assert float(jnp.max(jnp.abs(bf16 - f32))) < 0.05 * scale
+    # bfloat16 keeps 8 significant bits (relative rounding ~0.4% per operation); through
+    # a few dozen layers the error should stay a few percent of the logits' magnitude.
+    def rms(x):
+        return float(jnp.sqrt(jnp.mean(jnp.square(x))))
+
+    assert rms(bf16 - f32) < 0.03 * rms(f32)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
