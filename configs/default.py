@@ -94,6 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.noise_probability = 0.2
 
     config.half_precision = True  # bfloat16 compute, float32 parameters
+    # Convolution weight gradients as chunked matrix products (lcseg/ops/fast_conv.py):
+    # 'auto' uses them on the CPU backend only (GPUs keep cuDNN), 'on', or 'off'.
+    config.fast_conv = "auto"
     config.seed = 0
     # None: start jax.distributed when a SLURM / Open MPI multi-process job is detected.
     config.multihost = ml_collections.config_dict.placeholder(bool)
