@@ -1,0 +1,21 @@
+"""Every experiment config loads, names a known dataset, and builds its model."""
+
+import importlib
+import pathlib
+
+import pytest
+
+from lcseg.data import get_metadata
+from lcseg.models import create_model
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "test_models"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_its_model(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    metadata = get_metadata(config.dataset.name)
+    options = {k: v for k, v in config.model.items()}
+    model = create_model(**options, num_classes=metadata.num_classes)
+    assert model is not None and config.batch_size % config.grad_accum_steps == 0
