@@ -53,6 +53,7 @@ CASES = {
     "dilated2": ((2, 13, 15, 4), (3, 3, 4, 6), (1, 1), ((2, 2), (2, 2)), (2, 2)),
     "dilated6": ((2, 13, 15, 4), (3, 3, 4, 6), (1, 1), ((6, 6), (6, 6)), (6, 6)),
     "dilated12": ((2, 13, 15, 4), (3, 3, 4, 6), (1, 1), ((12, 12), (12, 12)), (12, 12)),
+    "asymmetric": ((2, 13, 9, 3), (5, 3, 3, 4), (2, 1), ((3, 1), (0, 2)), (1, 2)),
 }
 
 
@@ -101,7 +102,8 @@ def test_matches_lax_forward_and_both_gradients(case):
 @pytest.mark.parametrize("case,rows,dtype", [
     ("3x3", 2, "float32"), ("3x3", 4, "float32"), ("3x3", 2, "bfloat16"),
     ("7x7_stride2_stem", 2, "float32"), ("7x7_stride2_stem", 4, "float32"),
-    ("dilated2", 2, "float32"), ("dilated2", 5, "float32")])
+    ("dilated2", 2, "float32"), ("dilated2", 5, "float32"), ("asymmetric", 1, "float32"),
+    ("asymmetric", 2, "float32")])
 def test_chunked_weight_gradient(case, rows, dtype):
     """The loop over chunks of output rows, uneven ones (a padded last chunk) included."""
     x_shape, w_shape, strides, padding, dilation = CASES[case]
