@@ -1,7 +1,7 @@
 """Where the time of lcseg's training step goes on this machine, per XLA operation.
 
     python benchmarks/profile_step.py [--size 256 --batch 4] [--fast_conv on|off]
-        [--bf16] [--steps 2] [--top 25] [--model unet]
+        [--bf16] [--steps 2] [--top 25]
 
 Builds the step exactly as training does (``lcseg.train.Experiment``; the benchmark
 configuration of ``benchmarks/cpu_vs_torch.py``: the 31M-parameter U-Net, 7 classes,
@@ -10,8 +10,10 @@ class-weighted cross-entropy, Adam), compiles it, then records ``--steps`` steps
 a category read from the optimized HLO: convolution forward / input gradient / weight
 gradient (XLA's), the fast path's weight-gradient loop, other matrix products, and the
 memory-bound rest (BatchNorm statistics, elementwise fusions, copies and transposes,
-max-pool and its gradient, the optimizer). Prints the categories, then the top
-operations with their shapes.
+max-pool, the optimizer). Operations inside loops (the fast weight gradient's) are
+summed over their iterations. Prints the categories, then the top operations with their
+shapes. The wall time per step includes the profiler's overhead (about 1.5x here); the
+shares are what to read.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def categorize(name: str, instructions: dict, computation_of: dict, calls: dict)
     if fast_weight_grad:
         return ("fast weight-grad: products" if "dot" in opcodes
                 else "fast weight-grad: patches, slices")
-    if opcode == "while":
-        return "while loop (total)"
+    if opcode == "while":  # (XLA:CPU reports a loop's operations, not the loop.)
+        return "while loop"
     if "convolution" in opcodes:
         conv_line = next(x for x in lines if " convolution(" in x)
         window = re.search(r"window=\{size=([\dx]+)", conv_line)

@@ -9,6 +9,7 @@ rounding, bfloat16 close to float32; and a whole U-Net with and without
 """
 
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -294,6 +295,23 @@ def test_fast_apply_uses_the_fast_path():
 
     assert "custom_vjp" in jaxpr(fast_apply(model.apply))
     assert "custom_vjp" not in jaxpr(model.apply)
+
+
+def test_fast_apply_of_the_same_model_compiles_once():
+    model = create_model("unet", num_classes=3, channels=(4, 8))
+    assert fast_apply(model.apply) == fast_apply(model.apply)
+    assert hash(fast_apply(model.apply)) == hash(fast_apply(model.apply))
+    assert fast_apply(model.apply) != model.apply
+    traces = []
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(apply_fn, x):
+        traces.append(apply_fn)
+        return x
+
+    run(fast_apply(model.apply), jnp.ones(2))
+    run(fast_apply(model.apply), jnp.ones(2))
+    assert len(traces) == 1
 
 
 def test_should_use_fast_conv():

@@ -440,15 +440,36 @@ def use_fast_convolutions() -> Iterator[None]:
         yield
 
 
+class _FastApply:
+    """A module's ``apply`` run inside :func:`use_fast_convolutions`.
+
+    Equal (and hashing equal) to any other wrapper of an equal ``apply_fn``: jitted steps
+    take the train state's ``apply_fn`` as a static argument, so two states built for the
+    same model (e.g. a fresh one and the abstract one a checkpoint restores into) must
+    not compile twice. (``model.apply`` bound methods compare equal the same way.)
+    """
+
+    def __init__(self, apply_fn: Callable):
+        self.__wrapped__ = apply_fn
+        functools.update_wrapper(self, apply_fn)
+
+    def __call__(self, *args, **kwargs):
+        with use_fast_convolutions():
+            return self.__wrapped__(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _FastApply) and self.__wrapped__ == other.__wrapped__
+
+    def __hash__(self) -> int:
+        return hash((_FastApply, self.__wrapped__))
+
+    def __repr__(self) -> str:
+        return f"fast_apply({self.__wrapped__!r})"
+
+
 def fast_apply(apply_fn: Callable) -> Callable:
     """``apply_fn`` (a module's ``apply``) run inside :func:`use_fast_convolutions`."""
-
-    @functools.wraps(apply_fn)
-    def wrapped(*args, **kwargs):
-        with use_fast_convolutions():
-            return apply_fn(*args, **kwargs)
-
-    return wrapped
+    return _FastApply(apply_fn)
 
 
 def should_use_fast_conv(setting: str) -> bool:
