@@ -28,8 +28,8 @@ import ml_collections
 from configs import unet_deepglobe
 
 
-def get_config():
-    config = unet_deepglobe.get_config()
+def with_deeplabv3plus(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` (a U-Net config of some dataset) with this file's model and optimiser."""
     config.model = ml_collections.ConfigDict({
         "name": "deeplabv3plus",
         "encoder": "resnet50",
@@ -40,3 +40,7 @@ def get_config():
     })
     config.learning_rate = 1e-4
     return config
+
+
+def get_config():
+    return with_deeplabv3plus(unet_deepglobe.get_config())

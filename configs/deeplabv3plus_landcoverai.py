@@ -12,8 +12,4 @@ from configs import deeplabv3plus_deepglobe, unet_landcoverai
 
 
 def get_config():
-    config = unet_landcoverai.get_config()
-    model_config = deeplabv3plus_deepglobe.get_config()
-    config.model = model_config.model
-    config.learning_rate = model_config.learning_rate
-    return config
+    return deeplabv3plus_deepglobe.with_deeplabv3plus(unet_landcoverai.get_config())
