@@ -35,13 +35,15 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 @contextlib.contextmanager
 def fast_conv_chunks(*, rows: int, batch: int, width: int, k: int, itemsize: int = 4):
     """Weight gradients in chunks of ``rows`` output rows, whatever their size."""
-    saved = fast_conv._WHOLE_BYTES, fast_conv._MIN_CHUNK_PIXELS, fast_conv._CHUNK_BYTES
+    names = ("_WHOLE_BYTES", "_MIN_CHUNK_PIXELS", "_CHUNK_BYTES")
+    saved = {name: getattr(fast_conv, name) for name in names}
     fast_conv._WHOLE_BYTES, fast_conv._MIN_CHUNK_PIXELS = 0, 1
     fast_conv._CHUNK_BYTES = rows * batch * width * k * itemsize
     try:
         yield
     finally:
-        fast_conv._WHOLE_BYTES, fast_conv._MIN_CHUNK_PIXELS, fast_conv._CHUNK_BYTES = saved
+        for name, value in saved.items():
+            setattr(fast_conv, name, value)
 
 # name: (input shape, kernel shape, strides, padding, kernel dilation)
 CASES = {
@@ -55,6 +57,14 @@ CASES = {
     "dilated6": ((2, 13, 15, 4), (3, 3, 4, 6), (1, 1), ((6, 6), (6, 6)), (6, 6)),
     "dilated12": ((2, 13, 15, 4), (3, 3, 4, 6), (1, 1), ((12, 12), (12, 12)), (12, 12)),
     "asymmetric": ((2, 13, 9, 3), (5, 3, 3, 4), (2, 1), ((3, 1), (0, 2)), (1, 2)),
+    # Fewer output than input channels at stride 1: the patches are taken of dy.
+    "3x3_fewer_outputs": ((2, 9, 11, 7), (3, 3, 7, 5), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    "dilated2_fewer_outputs": ((2, 13, 15, 6), (3, 3, 6, 4), (1, 1), "SAME", (2, 2)),
+    "asymmetric_fewer_outputs": ((2, 13, 9, 5), (5, 3, 5, 3), (1, 1), ((3, 1), (0, 2)),
+                                 (1, 2)),
+    "overpadded_fewer_outputs": ((2, 9, 11, 6), (3, 3, 6, 4), (1, 1), ((3, 0), (0, 4)),
+                                 (1, 1)),
+    "1x1_fewer_outputs": ((2, 9, 11, 6), (1, 1, 6, 4), (1, 1), "VALID", (1, 1)),
 }
 
 
@@ -104,15 +114,20 @@ def test_matches_lax_forward_and_both_gradients(case):
     ("3x3", 2, "float32"), ("3x3", 4, "float32"), ("3x3", 2, "bfloat16"),
     ("7x7_stride2_stem", 2, "float32"), ("7x7_stride2_stem", 4, "float32"),
     ("dilated2", 2, "float32"), ("dilated2", 5, "float32"), ("asymmetric", 1, "float32"),
-    ("asymmetric", 2, "float32")])
+    ("asymmetric", 2, "float32"), ("3x3_fewer_outputs", 2, "float32"),
+    ("3x3_fewer_outputs", 4, "bfloat16"), ("asymmetric_fewer_outputs", 2, "float32"),
+    ("overpadded_fewer_outputs", 3, "float32")])
 def test_chunked_weight_gradient(case, rows, dtype):
     """The loop over chunks of output rows, uneven ones (a padded last chunk) included."""
     x_shape, w_shape, strides, padding, dilation = CASES[case]
     x_shape = (4, *x_shape[1:])
     x, w, dy = random_inputs(x_shape, w_shape, strides, padding, dilation, jnp.dtype(dtype))
     expected = conv_and_grads(lax.conv_general_dilated, x, w, dy, strides, padding, dilation)
-    with fast_conv_chunks(rows=rows, batch=dy.shape[0], width=dy.shape[2],
-                          k=int(np.prod(w_shape[:3])), itemsize=x.dtype.itemsize):
+    kh, kw, c, o = w_shape
+    patches_of_dy = strides == (1, 1) and o < c
+    with fast_conv_chunks(rows=rows, batch=dy.shape[0],
+                          width=x.shape[2] if patches_of_dy else dy.shape[2],
+                          k=kh * kw * (o if patches_of_dy else c), itemsize=x.dtype.itemsize):
         actual = conv_and_grads(conv_general_dilated, x, w, dy, strides, padding, dilation)
         hlo = jax.jit(lambda x, w: jax.grad(lambda w: conv_general_dilated(
             x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC).sum())(w)
@@ -121,6 +136,18 @@ def test_chunked_weight_gradient(case, rows, dtype):
     for a, e in zip(actual, expected):
         # bfloat16: lax rounds its weight gradient once; the loop rounds its float32 sum.
         assert_close(a, e, 1e-5 if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.parametrize("case", ["3x3", "3x3_fewer_outputs", "7x7_stride2_stem"])
+@pytest.mark.parametrize("flip_max_bytes", [0, 1 << 30])
+def test_weight_gradient_in_either_product_orientation(case, flip_max_bytes, monkeypatch):
+    """Small results are computed transposed ([O, K]), big ones as [K, O]: both exact."""
+    monkeypatch.setattr(fast_conv, "_FLIP_MAX_BYTES", flip_max_bytes)
+    x_shape, w_shape, strides, padding, dilation = CASES[case]
+    x, w, dy = random_inputs(x_shape, w_shape, strides, padding, dilation)
+    expected = conv_and_grads(lax.conv_general_dilated, x, w, dy, strides, padding, dilation)
+    actual = conv_and_grads(conv_general_dilated, x, w, dy, strides, padding, dilation)
+    assert_close(actual[2], expected[2])
 
 
 @pytest.mark.parametrize("case", ["3x3", "1x1", "7x7_stride2_stem", "dilated2", "wide"])
@@ -293,8 +320,8 @@ def test_fast_apply_uses_the_fast_path():
     def jaxpr(apply):
         return str(jax.make_jaxpr(lambda v: apply(v, images, train=False))(variables))
 
-    assert "custom_vjp" in jaxpr(fast_apply(model.apply))
-    assert "custom_vjp" not in jaxpr(model.apply)
+    assert "name=_fast_conv" in jaxpr(fast_apply(model.apply))
+    assert "name=_fast_conv" not in jaxpr(model.apply)
 
 
 def test_fast_apply_of_the_same_model_compiles_once():

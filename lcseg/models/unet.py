@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from lcseg.models.layers import conv_bn_relu, pad_to_multiple, resize_bilinear
+from lcseg.ops.pooling import max_pool_nonoverlapping
 
 # Cai & Zhang's configurations: registered model names -> the UNet attributes they fix.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -124,7 +125,7 @@ class UNet(nn.Module):
         skips = []
         for level, features in enumerate(channels):
             if level > 0:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_nonoverlapping(x, (2, 2))
             x = ConvBlock(features, convs[level], self.conv_bias, self.dtype,
                           name=f"encoder_{level}")(x, train=train)
             skips.append(x)
