@@ -19,7 +19,7 @@ convolutions it is a ``jax.custom_vjp`` whose
 * input gradient is XLA's own transposed convolution (already fast),
 * weight gradient (:func:`weight_gradient`) is an im2col matrix product
   ``dy^T @ patches`` accumulated in float32 over chunks of output rows in a ``lax.scan``:
-  each chunk's patch matrix (about 2 MiB) stays in cache. One whole-batch patch matrix
+  each chunk's patch matrix (a few MiB) stays in cache. One whole-batch patch matrix
   (hundreds of MiB at 256 px, written to fresh, page-faulting memory and read back) ran
   2-3x slower than the chunks; the chunked products run at 200-380 GFLOP/s. Where the
   convolution has fewer output than input channels (stride 1), the patches are taken of
@@ -65,10 +65,11 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
 # Weight-gradient chunking (measured on the 2-core development machine; see
 # benchmarks/profile_step.py). A chunk's patch matrix of about this many bytes stays in
 # L2/L3 between being written and being multiplied...
-_CHUNK_BYTES = 2 << 20
+_CHUNK_BYTES = 4 << 20
 # ...but a chunk must keep enough output pixels (rows of the product) for the matmul
-# kernel to run near its peak.
-_MIN_CHUNK_PIXELS = 512
+# kernel to run near its peak, and each loop iteration costs a dozen thunk launches
+# (thread-pool wake-ups): 512 px chunks made the 512x512 training step 10% slower.
+_MIN_CHUNK_PIXELS = 2048
 # Patch matrices up to this size are formed whole (one product, no loop).
 _WHOLE_BYTES = 8 << 20
 # Results up to this size are computed transposed (see _patch_product).
