@@ -161,14 +161,15 @@ def _chunk_rows(batch: int, out_h: int, out_w: int, pixel_bytes: int) -> int:
     return -(-out_h // chunks)
 
 
-def _patch_product(source: jax.Array, padding: Sequence[tuple[int, int]],
+def _patch_product(source: jax.Array, top: int, left_right: tuple[int, int],
                    other: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
                    dilation: tuple[int, int], precision: Any) -> jax.Array:
     """``sum over (n, y, x) of patches(pad(source))[n, y, x, :] (outer) other[n, y, x, :]``.
 
-    The patches are :func:`_patches` of ``source`` padded by ``padding`` (``lax.pad``
-    amounts: negative ones crop; the bottom one is whatever the chunks' rows need), one
-    per pixel of ``other`` (``[N, Ho, Wo, M]``). The product runs over chunks of
+    The patches are :func:`_patches` of ``source`` padded by ``top`` rows and
+    ``left_right`` columns (``lax.pad`` amounts: negative ones crop; the bottom is padded
+    or cropped to the rows the chunks need), one per pixel of ``other``
+    (``[N, Ho, Wo, M]``). The product runs over chunks of
     ``other``'s rows in a ``lax.scan``, accumulated in float32; each chunk's patch
     matrix is formed just before it is multiplied.
 
@@ -186,10 +187,9 @@ def _patch_product(source: jax.Array, padding: Sequence[tuple[int, int]],
     # chunks (and the source far enough to cover them), so any height works.
     padded_h = -(-out_h // rows) * rows
     in_rows = (padded_h - 1) * strides[0] + (kh - 1) * dilation[0] + 1
-    (top, _), (left, right) = padding
     source = lax.pad(source, jnp.zeros((), source.dtype),
                      ((0, 0, 0), (top, in_rows - source.shape[1] - top, 0),
-                      (left, right, 0), (0, 0, 0)))
+                      (*left_right, 0), (0, 0, 0)))
     if padded_h != out_h:
         other = jnp.pad(other, ((0, 0), (0, padded_h - out_h), (0, 0), (0, 0)))
     chunk_in_rows = (rows - 1) * strides[0] + (kh - 1) * dilation[0] + 1
@@ -252,16 +252,16 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int], *,
     """
     kh, kw, c, o = kernel_shape
     strides, dilation = tuple(strides), tuple(dilation)
-    (top, bottom), (left, right) = padding
+    (top, _), (left, right) = padding  # The bottom follows from the output height.
     if strides == (1, 1) and o < c:
-        (dh, dw) = dilation
-        dy_padding = (((kh - 1) * dh - top, (kh - 1) * dh - bottom),
-                      ((kw - 1) * dw - left, (kw - 1) * dw - right))
-        total = _patch_product(dy, dy_padding, x, (kh, kw), (1, 1), dilation, precision)
+        dilation_h, dilation_w = dilation
+        dy_left_right = ((kw - 1) * dilation_w - left, (kw - 1) * dilation_w - right)
+        total = _patch_product(dy, (kh - 1) * dilation_h - top, dy_left_right, x, (kh, kw),
+                               (1, 1), dilation, precision)
         # Row (i', j', o) of the product is kernel tap (kh-1-i', kw-1-j').
         return jnp.flip(total.reshape(kh, kw, o, c), (0, 1)).transpose(0, 1, 3, 2)
-    total = _patch_product(x, ((top, bottom), (left, right)), dy, (kh, kw), strides,
-                           dilation, precision)
+    total = _patch_product(x, top, (left, right), dy, (kh, kw), strides, dilation,
+                           precision)
     return total.reshape(kh, kw, c, o)
 
 
