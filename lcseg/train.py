@@ -493,8 +493,15 @@ def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: 
     """Parameters per module, FLOPs and memory per step: to the log and WORKDIR/summary.txt."""
     lines = [f"Model {config.model.name}", model_summary(state.params)]
     figures = step_summary(compiled, batch_size=config.batch_size)
+    # XLA's cost analysis counts one device's share of the data-parallel step (the step
+    # runs on every device of the mesh, i.e. all of them): per image is per device batch.
+    figures["gflops_per_image"] *= jax.device_count()
     lines.append(f"Train step (batch {config.batch_size} x {config.crop_size}^2): "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
+                 + ", ".join(f"{k} {v:.6g}" for k, v in figures.items()))
+    # lcseg.compare reads this line: a speed is only comparable on the same hardware.
+    device = jax.devices()[0]
+    lines.append(f"Devices: {jax.device_count()} x {device.device_kind} "
+                 f"(platform {device.platform}), processes {jax.process_count()}")
     text = "\n".join(lines)
     logging.info("%s", text)
     if parallel.is_main_process():
