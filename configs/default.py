@@ -73,6 +73,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.workers = 2  # grain worker processes; 0: in the main process
+    # Crops taken from each decoded training image (each batch still holds batch_size
+    # different images; an image reappears in this many consecutive batches). Decoding
+    # dominates the loader's cost when images are much larger than crops: about the
+    # ratio of image to crop area, at most ~8; 1 when a crop is the whole image.
+    config.data.crops_per_image = 1
+    # Per loader process: threads decoding ahead, and decoded elements held ahead. They
+    # bound the loader's memory (see lcseg/data/pipeline.py, LoaderOptions).
+    config.data.read_threads = 1
+    config.data.read_ahead = 2
     # Train and evaluate at this fraction of the full resolution (e.g. 0.25); 1: full.
     config.data.downscale = 1.0
 
@@ -100,4 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     # None: start jax.distributed when a SLURM / Open MPI multi-process job is detected.
     config.multihost = ml_collections.config_dict.placeholder(bool)
+    # On SIGTERM, SIGINT or this extra signal (e.g. from SLURM's --signal=USR1@90),
+    # training finishes the current step, checkpoints it and exits with status 75 (run
+    # again to resume; lcseg/preemption.py). None: SIGTERM and SIGINT only.
+    config.preemption_signal = ml_collections.config_dict.placeholder(str)
+    config.preemption_signal = "SIGUSR1"
     return config

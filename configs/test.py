@@ -19,5 +19,8 @@ def get_config():
     config.checkpoint_every_steps = 3
     config.num_panel_images = 2
     config.data.workers = 0
+    # Two crops per decoded image: the end-to-end tests (resume mid-round, two
+    # processes) run the loader's multi-crop rounds.
+    config.data.crops_per_image = 2
     config.half_precision = False
     return config

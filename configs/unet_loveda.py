@@ -16,7 +16,8 @@ Why these numbers (dataset facts from datasets/loveda/README.md):
   as the official LoveDA baselines train (github.com/Junjue-Wang/LoveDA), ~95 epochs.
 * Evaluation tiles of 1024 px: one tile is one whole image, so nothing is cut or padded
   (1024 is a multiple of the U-Net's 16). Eight images per evaluation batch.
-* Each training example decodes one 1 Mpx PNG: 4 loader processes suffice.
+* A 1 Mpx PNG takes ~20 ms to decode, a 512 crop ~1 ms: each decoded image gives 4 crops
+  (to 4 consecutive batches), and 4 loader processes suffice.
 * Raw mask value 0 (no-data) is the ignore label; mIoU is over all seven classes,
   background included, as the benchmark reports it.
 """
@@ -39,5 +40,6 @@ def get_config():
     config.eval_every_steps = 1_500
     config.checkpoint_every_steps = 1_500
     config.data.workers = 4
+    config.data.crops_per_image = 4
     config.half_precision = True
     return config

@@ -78,7 +78,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +90,7 @@ from lcseg import parallel
 from lcseg.data import open_split
 from lcseg.data.metadata import IGNORE_COLOUR, DatasetMetadata
 from lcseg.data.pipeline import normalize_images
-
-if TYPE_CHECKING:
-    from lcseg import train
+from lcseg.experiment import Experiment, TrainState, compute_dtype, inference_variables
 
 FLAGS = flags.FLAGS
 
@@ -674,7 +672,7 @@ class Predictor:
         self.last_stats: dict[str, int] = {}
 
     @classmethod
-    def from_experiment(cls, experiment: train.Experiment, state: train.TrainState, *,
+    def from_experiment(cls, experiment: Experiment, state: TrainState, *,
                         window: int | None = None, batch_size: int | None = None,
                         overlap: float = 0.5, tta: str = "none") -> Predictor:
         """A predictor for a restored train state of ``experiment`` (on its mesh).
@@ -691,8 +689,6 @@ class Predictor:
         Returns:
           The predictor.
         """
-        from lcseg import train
-
         config = experiment.config
         if config.data.downscale != 1:
             # Predicting full-resolution windows with a model trained on downscaled ones
@@ -701,9 +697,9 @@ class Predictor:
                 f"This model was trained with config.data.downscale={config.data.downscale}; "
                 "whole-scene prediction runs at full resolution only. Resample the scene "
                 f"by {config.data.downscale} first (e.g. gdalwarp -tr), then predict.")
-        return cls(experiment.model, train.inference_variables(state),
+        return cls(experiment.model, inference_variables(state),
                    metadata=experiment.metadata, mean=config.dataset.mean,
-                   std=config.dataset.std, dtype=train.compute_dtype(config),
+                   std=config.dataset.std, dtype=compute_dtype(config),
                    window=window or config.eval_tile_size,
                    batch_size=batch_size or config.eval_batch_size, overlap=overlap, tta=tta,
                    mesh=experiment.mesh)

@@ -1,72 +1,35 @@
 """Training and evaluation: ``train_and_evaluate(config, workdir)``.
 
 Reads top-down: writers, data, model and state, restore, compiled steps, then the loop
-with its periodic actions (logging, evaluation, checkpointing). ``train_step`` and
-``eval_step`` are pure functions of the state and a batch; under ``jax.jit`` with a
-sharded batch they run data-parallel on every device of every host.
+with its periodic actions (logging, evaluation, checkpointing). The state, the steps and
+the evaluation loop are ``lcseg.experiment``'s.
 """
 
-# No `from __future__ import annotations`: clu's Collection reads real annotations.
-import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
-from clu import metrics as clu_metrics
-from flax.training import train_state
 
-from lcseg import checkpoints, losses, optim, parallel
+from lcseg import checkpoints, parallel, preemption
 from lcseg.class_weights import compute_class_weights
-from lcseg.data import get_metadata, open_split, pipeline, prepare, train_class_counts
+from lcseg.data import get_metadata, open_split, prepare, train_class_counts
 from lcseg.data.metadata import DatasetMetadata
-from lcseg.metrics import ConfusionMatrix, scores_from_confusion, write_scores_json
-from lcseg.models import create_model, load_pretrained, pretrained_normalisation
+from lcseg.experiment import Experiment, TrainState
+from lcseg.metrics import write_scores_json
+from lcseg.models import load_pretrained, pretrained_normalisation
 from lcseg.models import summary as model_summary
-from lcseg.ops.fast_conv import fast_apply, should_use_fast_conv
-from lcseg.visualize import comparison_panels, confusion_heatmap
+from lcseg.models.summary import step_summary
+from lcseg.visualize import confusion_heatmap
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-
-
-class TrainState(train_state.TrainState):
-    """Flax's TrainState plus what else a run must resume exactly.
-
-    Attributes:
-      batch_stats: BatchNorm running statistics (float32).
-      rng: the run's base random key (folded with the step for per-step randomness).
-      ema_params: exponential moving average of ``params``, or None when off.
-      tracker: validation-driven state, see ``init_tracker``.
-    """
-
-    batch_stats: Any
-    rng: jax.Array
-    ema_params: Any
-    tracker: dict[str, jax.Array]
-
-
-def init_tracker() -> dict[str, jax.Array]:
-    """Validation history that reduce-on-plateau and early stopping act on.
-
-    ``best_miou``: best validation mIoU so far; ``evals_since_best``: evaluations since
-    it improved (early stopping); ``plateau_count``: evaluations without improvement since
-    the last learning-rate reduction; ``lr_scale``: the reduce-on-plateau multiplier.
-    Kept in the train state, so it is checkpointed and a resumed run continues it.
-    """
-    return {"best_miou": jnp.asarray(-1.0, jnp.float32),
-            "evals_since_best": jnp.asarray(0, jnp.int32),
-            "plateau_count": jnp.asarray(0, jnp.int32),
-            "lr_scale": jnp.asarray(1.0, jnp.float32)}
 
 
 def update_tracker(tracker: dict[str, Any], miou: float,
@@ -93,183 +56,6 @@ def update_tracker(tracker: dict[str, Any], miou: float,
     return tracker
 
 
-@flax.struct.dataclass
-class PixelWeightedLoss(clu_metrics.Average):
-    """Mean loss over counted pixels: batches weigh by their number of labelled pixels."""
-
-    @classmethod
-    def from_model_output(cls, *, loss: jax.Array, counted: jax.Array,
-                          **_: Any) -> "PixelWeightedLoss":
-        return cls(total=loss * counted, count=counted)
-
-
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-    loss: PixelWeightedLoss
-    confusion: ConfusionMatrix
-
-
-# ---------------------------------------------------------------------------------------
-# Building blocks: model, optimizer, state.
-# ---------------------------------------------------------------------------------------
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-    return jnp.bfloat16 if config.half_precision else jnp.float32
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    return create_model(**config.model, num_classes=num_classes, dtype=compute_dtype(config))
-
-
-def create_train_state(config: ml_collections.ConfigDict, model, mesh) -> TrainState:
-    """Initialises parameters directly into their (replicated) shardings."""
-    rng = jax.random.key(config.seed)
-    size = config.crop_size
-
-    def init(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        variables = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32),
-                               train=False)
-        params = variables["params"]
-        apply_fn = model.apply
-        if should_use_fast_conv(config.fast_conv):
-            apply_fn = fast_apply(apply_fn)  # Same parameters and results, faster backward.
-        return TrainState.create(
-            apply_fn=apply_fn, params=params, tx=optim.build_optimizer(config),
-            batch_stats=variables.get("batch_stats", {}), rng=state_rng,
-            ema_params=params if config.ema_decay > 0 else None, tracker=init_tracker())
-
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, model, mesh) -> TrainState:
-    """Shapes, dtypes and shardings of the state, without computing it (for restoring)."""
-    state = jax.eval_shape(functools.partial(create_train_state, config, model, mesh))
-    replicated = parallel.replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                        state)
-
-
-# ---------------------------------------------------------------------------------------
-# Steps (pure functions, jitted in train_and_evaluate).
-# ---------------------------------------------------------------------------------------
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
-               schedule: optax.Schedule, mean: tuple, std: tuple, dtype: jnp.dtype,
-               grad_accum_steps: int = 1, ema_decay: float = 0.0,
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update on a (global, sharded) batch; returns the new state and metrics.
-
-    With ``grad_accum_steps`` k > 1 the batch is processed as k sequential micro-batches
-    (k times less activation memory) whose gradients are averaged into one update: the
-    same update as the whole batch when every micro-batch counts the same number of
-    pixels, except that BatchNorm normalises each micro-batch by its own statistics (as
-    gradient accumulation in PyTorch does).
-    """
-    images = pipeline.normalize_images(batch["image"], mean, std, dtype)
-    labels = batch["label"].astype(jnp.int32)
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-    def micro_step(batch_stats, micro_batch):
-        micro_images, micro_labels = micro_batch
-
-        def objective(params):
-            logits, updates = state.apply_fn(
-                {"params": params, "batch_stats": batch_stats}, micro_images, train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-            total, components = loss_fn(logits.astype(jnp.float32), micro_labels)
-            return total, (components, updates["batch_stats"])
-
-        (loss, (components, batch_stats)), grads = jax.value_and_grad(
-            objective, has_aux=True)(state.params)
-        return batch_stats, (grads, {"loss": loss, **components})
-
-    if grad_accum_steps == 1:
-        batch_stats, (grads, loss_values) = micro_step(state.batch_stats, (images, labels))
-    else:
-        # Micro-batch i takes rows i, i+k, i+2k, ...: every device keeps its own rows, so
-        # splitting the sharded batch needs no communication.
-        def split(x):
-            x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
-            return jnp.moveaxis(x, 1, 0)
-
-        batch_stats, (grads, loss_values) = jax.lax.scan(
-            micro_step, state.batch_stats, (split(images), split(labels)))
-        grads, loss_values = jax.tree.map(lambda x: jnp.mean(x, axis=0), (grads, loss_values))
-
-    learning_rate = schedule(state.step) * state.tracker["lr_scale"]
-    state.opt_state.hyperparams["learning_rate"] = learning_rate
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    if ema_decay > 0:
-        state = state.replace(ema_params=jax.tree.map(
-            lambda ema, new: ema_decay * ema + (1 - ema_decay) * new,
-            state.ema_params, state.params))
-    metrics = {"loss": loss_values.pop("loss"), "grad_norm": optax.global_norm(grads),
-               "learning_rate": learning_rate,
-               **{f"loss/{name}": value for name, value in loss_values.items()}}
-    return state, metrics
-
-
-def inference_variables(state: TrainState) -> dict[str, Any]:
-    """The variables evaluation and prediction use: EMA parameters when kept."""
-    params = state.ema_params if state.ema_params is not None else state.params
-    return {"params": params, "batch_stats": state.batch_stats}
-
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
-              mean: tuple, std: tuple, dtype: jnp.dtype, num_classes: int) -> EvalMetrics:
-    """Loss (weighted by counted pixels) and confusion matrix of one batch."""
-    images = pipeline.normalize_images(batch["image"], mean, std, dtype)
-    labels = batch["label"].astype(jnp.int32)
-    logits = state.apply_fn(inference_variables(state), images,
-                            train=False).astype(jnp.float32)
-    loss, _ = loss_fn(logits, labels)
-    counted = jnp.sum((labels >= 0) & (labels < num_classes)).astype(jnp.float32)
-    return EvalMetrics.single_from_model_output(
-        loss=loss, counted=counted, labels=labels, predictions=jnp.argmax(logits, axis=-1),
-        num_classes=num_classes)
-
-
-def predict_step(state: TrainState, images: jax.Array, *, mean: tuple, std: tuple,
-                 dtype: jnp.dtype) -> jax.Array:
-    """Class indices ``[N, H, W]`` for uint8 images."""
-    logits = state.apply_fn(inference_variables(state),
-                            pipeline.normalize_images(images, mean, std, dtype), train=False)
-    return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
-
-
-# ---------------------------------------------------------------------------------------
-# Evaluation loop (shared by training and lcseg.evaluate).
-# ---------------------------------------------------------------------------------------
-
-
-def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
-             *, mesh, empty_batch: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
-    """Runs ``eval_fn`` over all batches (all processes in step) and returns the scores.
-
-    Processes may hold different numbers of batches; one that runs out feeds all-ignored
-    batches until every process is done, since each step is a collective computation.
-    """
-    merged = None
-    iterator = iter(batches)
-    while True:
-        batch = next(iterator, None)
-        if not parallel.any_process_true(batch is not None):
-            break
-        step_metrics = eval_fn(state, parallel.shard_batch(
-            batch if batch is not None else empty_batch, mesh))
-        # Merging on host accumulates the confusion matrix in int64.
-        step_metrics = jax.device_get(step_metrics)
-        merged = step_metrics if merged is None else merged.merge(step_metrics)
-    if merged is None:
-        raise ValueError("The evaluation split is empty.")
-    matrix = merged.confusion.compute()
-    return {"loss": float(merged.loss.compute()), "confusion_matrix": matrix,
-            **scores_from_confusion(matrix)}
-
-
 def scalar_summaries(scores: dict[str, Any], metadata: DatasetMetadata,
                      prefix: str) -> dict[str, float]:
     """Flattens scores to ``{prefix/miou, prefix/iou/<class>, ...}`` for the writer."""
@@ -291,87 +77,6 @@ def format_scores_table(scores: dict[str, Any], metadata: DatasetMetadata) -> st
     lines.append(f"pixel accuracy {scores['accuracy']:.4f}, mean accuracy "
                  f"{scores['mean_accuracy']:.4f}, frequency-weighted IoU {scores['fwiou']:.4f}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# Wiring shared by training, evaluation and prediction.
-# ---------------------------------------------------------------------------------------
-
-
-class Experiment:
-    """Model, loss and compiled steps of a config, on the current devices."""
-
-    def __init__(self, config: ml_collections.ConfigDict, *, class_weights=None, mesh=None,
-                 schedule: optax.Schedule | None = None):
-        self.config = config
-        # The learning-rate finder passes its own sweep; training uses the config's.
-        self.schedule = schedule or optim.learning_rate_schedule(config)
-        self.metadata = get_metadata(config.dataset.name)
-        self.mesh = mesh if mesh is not None else parallel.make_mesh()
-        self.model = build_model(config, self.metadata.num_classes)
-        self.loss_fn = losses.make_loss_fn(
-            config.loss, num_classes=self.metadata.num_classes,
-            ignore_label=self.metadata.ignore_label, class_weights=class_weights)
-        normalisation = dict(mean=tuple(config.dataset.mean), std=tuple(config.dataset.std),
-                             dtype=compute_dtype(config))
-        replicated = parallel.replicated(self.mesh)
-        batch = parallel.batch_sharding(self.mesh)
-        # Donating the old state lets XLA update parameters in place (half the memory).
-        self.train_step = jax.jit(
-            functools.partial(train_step, loss_fn=self.loss_fn, schedule=self.schedule,
-                              grad_accum_steps=config.grad_accum_steps,
-                              ema_decay=config.ema_decay, **normalisation),
-            in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
-            donate_argnums=0)
-        self.eval_step = jax.jit(
-            functools.partial(eval_step, loss_fn=self.loss_fn,
-                              num_classes=self.metadata.num_classes, **normalisation),
-            in_shardings=(replicated, batch), out_shardings=replicated)
-        self.predict_step = jax.jit(functools.partial(predict_step, **normalisation),
-                                    in_shardings=(replicated, batch), out_shardings=replicated)
-
-    def train_iterator(self, source) -> Any:
-        """The training batches of ``source`` as the config describes them."""
-        config = self.config
-        return pipeline.train_iterator(
-            source, batch_size=config.batch_size, crop_size=config.crop_size,
-            seed=config.seed, workers=config.data.workers,
-            ignore_label=self.metadata.ignore_label, augment=config.augment,
-            downscale=config.data.downscale)
-
-    def init_state(self) -> TrainState:
-        return create_train_state(self.config, self.model, self.mesh)
-
-    def abstract_state(self) -> TrainState:
-        return abstract_train_state(self.config, self.model, self.mesh)
-
-    def evaluate_split(self, state: TrainState, source) -> dict[str, Any]:
-        config = self.config
-        ignore = self.metadata.ignore_label
-        return evaluate(
-            self.eval_step, state,
-            pipeline.eval_batches(source, batch_size=config.eval_batch_size,
-                                  tile_size=config.eval_tile_size, ignore_label=ignore,
-                                  downscale=config.data.downscale),
-            mesh=self.mesh, num_classes=self.metadata.num_classes,
-            empty_batch=pipeline.empty_batch(config.eval_batch_size, config.eval_tile_size,
-                                             ignore))
-
-    def predict_panels(self, state: TrainState, examples: list[dict[str, Any]]) -> np.ndarray:
-        """``image | truth | prediction`` panels of examples' top-left eval tiles."""
-        tile = self.config.eval_tile_size
-        tiles = [next(pipeline.image_tiles(e["image"], e["label"], tile,
-                                           self.metadata.ignore_label,
-                                           downscale=self.config.data.downscale))
-                 for e in examples]
-        images = np.stack([t[0] for t in tiles])
-        labels = np.stack([t[1] for t in tiles])
-        # Every process holds the same panel batch; pad it to a multiple of the devices.
-        padded = -len(images) % self.mesh.size
-        batch = np.concatenate([images, np.zeros((padded, *images.shape[1:]), np.uint8)])
-        predictions = np.asarray(self.predict_step(
-            state, jax.device_put(batch, parallel.batch_sharding(self.mesh))))[:len(images)]
-        return comparison_panels(images, labels, predictions, self.metadata)
 
 
 def resolve_class_weights(config: ml_collections.ConfigDict) -> np.ndarray | None:
@@ -471,23 +176,6 @@ def with_pretrained_weights(state: TrainState, path: str, mesh) -> TrainState:
         ema_params=variables["params"] if state.ema_params is not None else None)
 
 
-def step_summary(compiled: jax.stages.Compiled, *, batch_size: int) -> dict[str, float]:
-    """FLOPs and memory of one compiled train step, from XLA's own analyses.
-
-    ``temp_gib`` is XLA's temporary buffer size: activations kept for the backward pass
-    plus workspace, i.e. the activation memory estimate (per device).
-    """
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    summary = {"gflops_per_step": float(cost.get("flops", float("nan"))) / 1e9}
-    summary["gflops_per_image"] = summary["gflops_per_step"] / batch_size
-    memory = compiled.memory_analysis()
-    if memory is not None:
-        summary["temp_gib"] = memory.temp_size_in_bytes / 2**30
-        summary["argument_gib"] = memory.argument_size_in_bytes / 2**30
-    return summary
-
-
 def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
                         compiled: jax.stages.Compiled) -> None:
     """Parameters per module, FLOPs and memory per step: to the log and WORKDIR/summary.txt."""
@@ -582,7 +270,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # However the loop ends (a divergence included), pending saves finish first: the last
     # good checkpoint is always complete on disk.
     try:
-        with metric_writers.ensure_flushes(writer):
+        # A stop signal (SIGTERM, SIGINT, config.preemption_signal) on any process makes
+        # every process checkpoint the current step and exit (lcseg/preemption.py).
+        with metric_writers.ensure_flushes(writer), \
+                preemption.StopSignal(config.preemption_signal) as stop_signal:
             for step in range(initial_step + 1, config.num_train_steps + 1):
                 is_last = step == config.num_train_steps
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -597,9 +288,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     state, metrics = compiled_step(state, batch)
                     step_metrics.append(metrics)
                 report_progress(step, time.perf_counter())
+                # At most one step queued behind the running one (the device stays busy): a
+                # stop signal waits for those two, not for every step dispatched ahead.
+                if len(step_metrics) > 1:
+                    jax.block_until_ready(step_metrics[-2])
+                preempted = stop_signal.requested() and not is_last  # All processes agree.
 
                 do_eval = step % config.eval_every_steps == 0 or is_last
-                do_save = do_eval or step % config.checkpoint_every_steps == 0
+                do_save = do_eval or step % config.checkpoint_every_steps == 0 or preempted
                 if step % config.log_every_steps == 0 or do_save:
                     averaged = {k: float(np.mean(v)) for k, v in
                                 jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
@@ -642,6 +338,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                  "evaluations (best %.4f).", step, patience,
                                  float(state.tracker["best_miou"]))
                     break
+                if preempted:
+                    checkpointer.wait()  # Committed before the process goes.
+                    logging.warning("Stopped on a signal at step %d, checkpointed; exiting with "
+                                    "status %d (run again to resume).", step,
+                                    preemption.EXIT_STATUS)
+                    raise preemption.Preempted(step)
     finally:
         checkpointer.wait()
         checkpointer.close()

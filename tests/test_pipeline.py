@@ -1,11 +1,15 @@
 """Dataset reading and the grain input pipeline."""
 
+import os
+import time
+
+import jax
 import numpy as np
 import pytest
 
 from lcseg.data import open_split, prepare, train_class_counts
 from lcseg.data.augment import resize_example
-from lcseg.data.pipeline import eval_batches, train_iterator
+from lcseg.data.pipeline import EvalBatches, LoaderOptions, eval_batches, train_iterator
 
 
 def aligned_source(num: int, height: int, width: int) -> list[dict]:
@@ -113,3 +117,129 @@ def test_downscale_resizes_examples_before_tiling_and_cropping():
     batch = next(train_iterator(source, batch_size=3, crop_size=16, seed=0, downscale=0.25))
     assert batch["label"].shape == (3, 16, 16)
     assert np.sum(batch["label"] != 255) == 3 * 11 * 16  # 45 x 70 -> 11 x 18
+
+
+def coordinate_source(num: int, height: int, width: int) -> list[dict]:
+    """Examples whose pixels name their image (channel 0) and position (channels 1, 2)."""
+    rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return [{"image": np.stack([np.full((height, width), i), rows, columns], -1).astype(np.uint8),
+             "label": np.full((height, width), i % 6, np.uint8), "id": str(i)}
+            for i in range(num)]
+
+
+def test_each_image_gives_its_crops_every_epoch_to_batches_of_different_images():
+    num, batch_size, crops = 6, 3, 4
+    source = coordinate_source(num, 20, 30)
+    iterator = train_iterator(source, batch_size=batch_size, crop_size=8, seed=0,
+                              crops_per_image=crops)
+    for _ in range(3):  # epochs
+        batches = [next(iterator) for _ in range(num * crops // batch_size)]
+        ids = np.stack([b["image"][:, 0, 0, 0] for b in batches])  # [batch, slot]
+        np.testing.assert_array_equal(np.bincount(ids.ravel(), minlength=num), crops)
+        for b in batches:  # every batch: different images, labels aligned
+            assert len(set(b["image"][:, 0, 0, 0].tolist())) == batch_size
+            np.testing.assert_array_equal(b["label"], b["image"][..., 0] % 6)
+        # The crops an image gives are independent draws: not all at one position.
+        positions = {(int(b["image"][0, 0, 0, 1]), int(b["image"][0, 0, 0, 2]))
+                     for b in batches[:crops]}
+        assert len(positions) > 1
+
+
+def test_crops_cover_every_pixel_of_every_image_over_epochs():
+    # 3 x 5 crop positions per image, 200 crops each: a corner (one position) is missed
+    # with probability (14/15)**200 ~ 1e-6.
+    num, height, width = 3, 18, 20
+    source = coordinate_source(num, height, width)
+    iterator = train_iterator(source, batch_size=3, crop_size=16, seed=1, crops_per_image=4)
+    covered = np.zeros((num, height, width), bool)
+    for _ in range(200):
+        images = next(iterator)["image"].reshape(-1, 3)
+        covered[images[:, 0], images[:, 1], images[:, 2]] = True
+    assert covered.all()
+
+
+@pytest.mark.parametrize("position", [0, 1, 2, 3])
+def test_multi_crop_stream_resumes_exactly_at_any_point_of_a_round(position):
+    source = aligned_source(5, 30, 30)
+    options = dict(batch_size=2, crop_size=12, seed=7, crops_per_image=3)
+    batches = [next(it) for it in [train_iterator(source, **options)] for _ in range(9)]
+    interrupted = train_iterator(source, **options)
+    for _ in range(position):
+        next(interrupted)
+    resumed = train_iterator(source, **options)
+    resumed.set_state(interrupted.get_state())
+    for expected in batches[position:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], expected["image"])
+        np.testing.assert_array_equal(got["label"], expected["label"])
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes(monkeypatch):
+    source = aligned_source(7, 20, 20)
+    options = dict(batch_size=4, crop_size=8, seed=2, crops_per_image=2)
+
+    def global_batches(process_count: int) -> list[np.ndarray]:
+        local = []
+        for index in range(process_count):
+            monkeypatch.setattr(jax, "process_count", lambda: process_count)
+            monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+            iterator = train_iterator(source, **options)
+            local.append([next(iterator)["image"] for _ in range(6)])
+        # Slot s of a global batch is slot s // P of process s % P.
+        return [np.stack([local[s % process_count][step][s // process_count]
+                          for s in range(4)]) for step in range(6)]
+
+    single = global_batches(1)
+    for process_count in (2, 4):
+        for one, many in zip(single, global_batches(process_count)):
+            np.testing.assert_array_equal(one, many)
+
+
+def test_workers_give_the_same_stream_and_resume_mid_round():
+    source = aligned_source(6, 24, 24)
+    options = dict(batch_size=2, crop_size=8, seed=5, crops_per_image=2,
+                   loader=LoaderOptions(workers=2))
+    in_process = train_iterator(source, **{**options, "loader": None})
+    expected = [next(in_process) for _ in range(7)]
+    with_workers = train_iterator(source, **options)
+    for batch in expected[:3]:
+        np.testing.assert_array_equal(next(with_workers)["image"], batch["image"])
+    resumed = train_iterator(source, **options)
+    resumed.set_state(with_workers.get_state())
+    for batch in expected[3:]:
+        np.testing.assert_array_equal(next(resumed)["image"], batch["image"])
+
+
+def test_eval_batches_with_workers_are_the_same_and_the_loader_is_reusable():
+    source = aligned_source(5, 45, 70)
+    expected = list(eval_batches(source, batch_size=4, tile_size=32))
+    loader = EvalBatches(source, batch_size=4, tile_size=32, loader=LoaderOptions(workers=2))
+    for _ in range(2):  # two evaluations through the same workers
+        got = list(loader())
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+    next(loader())  # an abandoned pass...
+    assert len(list(loader())) == len(expected)  # ...does not shift the next one
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_loader_memory_stays_bounded_with_a_slow_consumer():
+    # 1 MiB per element (4 crops of 256x256 RGB + label); grain's defaults would read
+    # up to 500 elements ahead per loader process.
+    source = aligned_source(8, 300, 300)
+    iterator = train_iterator(source, batch_size=2, crop_size=256, seed=0, crops_per_image=4,
+                              loader=LoaderOptions(read_threads=2, read_ahead=2))
+    next(iterator)
+    before = _resident_bytes()
+    time.sleep(3)  # a slow consumer: the loader may only read its bounded amount ahead
+    next(iterator)
+    grown = _resident_bytes() - before
+    # The bound of LoaderOptions' docstring: (read_ahead + read_threads + 2) elements,
+    # plus a full image per thread; 24 MiB leaves room for allocator slack.
+    assert grown < 24 * 2**20, f"loader grew by {grown / 2**20:.0f} MiB"

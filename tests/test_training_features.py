@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from lcseg import losses, lr_finder, optim, train
+from lcseg import experiment, losses, lr_finder, optim, train
 from tests.test_train import assert_trees_equal, tiny_config
 
 
@@ -70,11 +70,11 @@ class PixelLinear(nn.Module):
 def _linear_state(config):
     model = PixelLinear()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
-    return train.TrainState.create(
+    return experiment.TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=optim.build_optimizer(config),
         batch_stats={}, rng=jax.random.key(1),
         ema_params=variables["params"] if config.ema_decay > 0 else None,
-        tracker=train.init_tracker())
+        tracker=experiment.init_tracker())
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -85,7 +85,7 @@ def test_gradient_accumulation_gives_the_large_batch_update(optimizer):
     batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 4, 4, 3)), jnp.uint8),
              "label": jnp.asarray(rng.integers(0, 3, (8, 4, 4)), jnp.uint8)}
     loss_fn = losses.make_loss_fn({"cross_entropy": 1.0}, num_classes=3)
-    step = functools.partial(train.train_step, loss_fn=loss_fn,
+    step = functools.partial(experiment.train_step, loss_fn=loss_fn,
                              schedule=optim.learning_rate_schedule(config),
                              mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32)
     whole, whole_metrics = jax.jit(step)(_linear_state(config), batch)
@@ -100,7 +100,7 @@ def test_ema_follows_the_parameters():
                              ema_decay=0.5)
     state = _linear_state(config)
     loss_fn = losses.make_loss_fn({"cross_entropy": 1.0}, num_classes=3)
-    step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn,
+    step = jax.jit(functools.partial(experiment.train_step, loss_fn=loss_fn,
                                      schedule=optim.learning_rate_schedule(config),
                                      mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32,
                                      ema_decay=0.5))
@@ -113,12 +113,12 @@ def test_ema_follows_the_parameters():
     # ema_2 = 0.5 * (0.5 * p0 + 0.5 * p1) + 0.5 * p2
     expected = jax.tree.map(lambda p0, p1, p2: 0.25 * p0 + 0.25 * p1 + 0.5 * p2, *history)
     assert_trees_equal(state.ema_params, expected, rtol=1e-6)
-    assert train.inference_variables(state)["params"] is state.ema_params
+    assert experiment.inference_variables(state)["params"] is state.ema_params
 
 
 def test_plateau_tracker_reduces_and_counts_like_pytorch():
     config = schedule_config(plateau_patience=2, plateau_factor=0.5, plateau_min_scale=0.2)
-    tracker = train.init_tracker()
+    tracker = experiment.init_tracker()
     scales, since_best = [], []
     for miou in [0.5, 0.6, 0.6, 0.55, 0.59, 0.58, 0.7, 0.6, 0.6, 0.6, 0.6]:
         tracker = train.update_tracker(tracker, miou, config)
@@ -149,7 +149,7 @@ def test_resume_in_the_middle_of_reduce_on_plateau_continues_the_same_run(
                              resumed_dir)
     resumed = train.train_and_evaluate(tiny_config(synthetic_data_dir, **options), resumed_dir)
     config = tiny_config(synthetic_data_dir, **options)
-    replayed = train.init_tracker()
+    replayed = experiment.init_tracker()
     for step in (2, 4, 6, 8):  # the tracker is what the evaluations say
         replayed = train.update_tracker(replayed, eval_miou(tmp_path / "straight", step),
                                         config)

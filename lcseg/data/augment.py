@@ -288,11 +288,38 @@ class Augment(grain.transforms.RandomMap):
         Returns:
           uint8 ``[crop_size, crop_size, 3]`` image and ``[crop_size, crop_size]`` label.
         """
-        example = _Example(Image.fromarray(image), Image.fromarray(label), self.downscale)
-        for name in self.ops:
-            self._op(name)(example, rng)
-        example.materialize()  # A no-op: every list ends with a crop.
-        return np.asarray(example.image), np.asarray(example.label)
+        images, labels = self.apply_several(image, label, rng, count=1)
+        return images[0], labels[0]
+
+    def apply_several(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                      *, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Runs the ops ``count`` times on one example: independent draws, one decode.
+
+        Each result is what ``apply`` would give for the next state of ``rng``; the
+        example is converted to Pillow once (on a 2448x2448 image that copy alone costs
+        as much as a crop's whole augmentation).
+
+        Args:
+          image: uint8 ``[h, w, 3]``.
+          label: uint8 ``[h, w]``.
+          rng: the only source of randomness, drawn from for each result in turn.
+          count: number of augmented copies.
+
+        Returns:
+          uint8 ``[count, crop_size, crop_size, 3]`` images and ``[count, crop_size,
+          crop_size]`` labels.
+        """
+        source_image, source_label = Image.fromarray(image), Image.fromarray(label)
+        images, labels = [], []
+        for _ in range(count):
+            # Ops replace the example's images, never draw on them: the source stays intact.
+            example = _Example(source_image, source_label, self.downscale)
+            for name in self.ops:
+                self._op(name)(example, rng)
+            example.materialize()  # A no-op: every list ends with a crop.
+            images.append(np.asarray(example.image))
+            labels.append(np.asarray(example.label))
+        return np.stack(images), np.stack(labels)
 
     def _op(self, name: str) -> Callable[[_Example, np.random.Generator], None]:
         return getattr(self, f"_{name}")

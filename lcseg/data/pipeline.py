@@ -23,6 +23,7 @@ Batches stay uint8 on the host (4x less to copy); ``normalize_images`` runs on d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from lcseg.data.augment import Augment, AugmentOptions, resize_example
 from lcseg.data.metadata import IGNORE_LABEL
+from lcseg.data.worker_lifetime import exit_with_parent
 
 
 def pad_to_at_least(image: np.ndarray, label: np.ndarray, height: int, width: int,
@@ -45,22 +47,144 @@ def pad_to_at_least(image: np.ndarray, label: np.ndarray, height: int, width: in
     return image, label
 
 
+@dataclasses.dataclass(frozen=True)
+class LoaderOptions:
+    """How much work each loader process does ahead, and in how many processes.
+
+    Memory: each loader process (a worker, or the main process when ``workers=0``)
+    holds at most about ``read_ahead + read_threads + 2`` decoded elements (a training
+    element is ``crops_per_image`` crops, ``crops_per_image * crop_size**2 * 4`` bytes;
+    an evaluation element is one image's tiles) plus, per read thread, the full-size
+    image being decoded (about 8 bytes per pixel with Pillow's copy). grain's own
+    defaults (16 threads, 500 elements) grew each worker to 5 GB on DeepGlobe.
+
+    Attributes:
+      workers: grain worker processes; 0 reads in the main process.
+      read_threads: threads per loader process decoding ahead (Pillow releases the GIL,
+        so with ``workers=0`` they still overlap decoding with the device step).
+      read_ahead: decoded elements buffered per loader process.
+    """
+
+    workers: int = 0
+    read_threads: int = 1
+    read_ahead: int = 2
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> LoaderOptions:
+        """Options from ``config.data`` (fields missing in older workdirs default)."""
+        options = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)
+                         if f.name in data})
+        for field in dataclasses.fields(cls):
+            value = getattr(options, field.name)
+            minimum = 1 if field.name == "read_threads" else 0
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"config.data.{field.name}={value!r} must be an integer "
+                                 f">= {minimum}.")
+        return options
+
+    def iterate(self, dataset: grain.MapDataset) -> grain.IterDataset:
+        """``dataset`` read in order with this read-ahead, in workers if any."""
+        read_options = grain.ReadOptions(num_threads=self.read_threads,
+                                         prefetch_buffer_size=self.read_ahead)
+        iter_dataset = dataset.to_iter_dataset(read_options)
+        if self.workers > 0:
+            iter_dataset = iter_dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.workers),
+                worker_init_fn=exit_with_parent)
+        return iter_dataset
+
+
+class _CropsOfImage(grain.transforms.RandomMap):
+    """One decoded example -> ``count`` independently augmented crops (stacked)."""
+
+    def __init__(self, augmentation: Augment, count: int):
+        self.augmentation = augmentation
+        self.count = count
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        images, labels = self.augmentation.apply_several(element["image"], element["label"],
+                                                         rng, count=self.count)
+        return {"image": images, "label": labels}
+
+
+class _RoundBatches(grain.IterDataset):
+    """Rounds of ``batch_size`` images, each image giving one crop to each of ``crops`` batches."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, crops: int):
+        super().__init__(parent)
+        self.batch_size = batch_size
+        self.crops = crops
+
+    def __iter__(self) -> _RoundBatchIterator:
+        return _RoundBatchIterator(self._parent.__iter__(), self.batch_size, self.crops)
+
+
+class _RoundBatchIterator(grain.DatasetIterator):
+    """Iterator of ``_RoundBatches``; its state is the round's start and the crop index.
+
+    A resumed iterator reads (decodes) its round again and continues at the same crop,
+    so a checkpoint taken mid-round resumes exactly.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, crops: int):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._crops = crops
+        self._round_start = parent.get_state()
+        self._round: list[dict[str, np.ndarray]] | None = None
+        self._crop = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._round is None:
+            self._round = [next(self._parent) for _ in range(self._batch_size)]
+        batch = {key: np.stack([element[key][self._crop] for element in self._round])
+                 for key in ("image", "label")}
+        self._crop += 1
+        if self._crop == self._crops:
+            self._round, self._crop = None, 0
+            self._round_start = self._parent.get_state()
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"round_start": self._round_start, "crop": self._crop}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["round_start"])
+        self._round_start = state["round_start"]
+        self._round, self._crop = None, int(state["crop"])
+
+
 def train_iterator(source: Sequence[dict[str, Any]], *, batch_size: int, crop_size: int,
-                   seed: int, workers: int = 0, ignore_label: int = IGNORE_LABEL,
+                   seed: int, ignore_label: int = IGNORE_LABEL,
                    augment: Mapping[str, Any] | AugmentOptions | None = None,
-                   downscale: float = 1.0) -> grain.DatasetIterator:
+                   downscale: float = 1.0, crops_per_image: int = 1,
+                   loader: LoaderOptions | None = None) -> grain.DatasetIterator:
     """An endless iterator of this process's training batches (``image``, ``label``, uint8).
+
+    The global stream: images in a fresh random order every epoch; each image, once
+    decoded, gives ``crops_per_image`` independently augmented crops. Images are taken
+    ``batch_size`` at a time (a round); crop k of every image of a round forms batch k
+    of the round. So each batch holds ``batch_size`` different images, as with one crop
+    per image, every image gives exactly ``crops_per_image`` crops per epoch, and an
+    image is decoded once for ``crops_per_image`` crops instead of once per crop (a
+    2448x2448 JPEG takes ~80 ms to decode and ~1 ms to crop). The price: an image is
+    seen in ``crops_per_image`` consecutive batches (at different positions).
+
+    Batch slot s of every batch belongs to process ``s % process_count``, which alone
+    decodes the images of that slot: global batches are the same whatever the number
+    of processes.
 
     Args:
       source: random-access examples (``lcseg.data.open_split``).
       batch_size: the global batch size (split evenly across processes).
       crop_size: side of the square random crops.
       seed: shuffling and augmentation seed (the same on every process).
-      workers: grain worker processes; 0 prepares batches in the main process.
       ignore_label: label for padded pixels.
       augment: ``config.augment`` (ops and options, see ``lcseg.data.augment``); None:
         random crop and flips.
       downscale: resize factor applied to each example before augmentation.
+      crops_per_image: crops taken from each decoded image (``config.data``).
+      loader: workers and read-ahead (``config.data``); None: the main process alone.
 
     Returns:
       A grain iterator; ``get_state``/``set_state`` (and Orbax) checkpoint its position.
@@ -68,23 +192,24 @@ def train_iterator(source: Sequence[dict[str, Any]], *, batch_size: int, crop_si
     # Built before any data is read, so a bad config fails at once, not in a worker.
     augmentation = Augment(AugmentOptions.from_config(augment), crop_size=crop_size,
                            ignore_label=ignore_label, downscale=downscale)
+    if not isinstance(crops_per_image, int) or crops_per_image < 1:
+        raise ValueError(f"config.data.crops_per_image={crops_per_image!r} must be a "
+                         "positive integer.")
     process_count = jax.process_count()
     if batch_size % process_count:
         raise ValueError(f"config.batch_size={batch_size} is not divisible by the "
                          f"{process_count} processes.")
-    dataset = grain.MapDataset.source(source).seed(seed)
+    images = grain.MapDataset.source(source).seed(seed)
     # Shuffle before repeat: grain draws a new permutation for every epoch.
-    dataset = dataset.shuffle().repeat()
-    dataset = dataset.random_map(augmentation)
-    # Each process takes every process_count-th element of the one global stream (lazily:
-    # it reads only its own). Global batch k then holds the same examples, with the same
-    # crops, whatever the number of processes, so results do not depend on the cluster.
-    dataset = dataset[jax.process_index()::process_count]
-    dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
-    iter_dataset = dataset.to_iter_dataset()
-    if workers > 0:
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(iter_dataset)
+    images = images.shuffle().repeat()
+    # Randomness is drawn per global image index, before the process split below.
+    crops = images.random_map(_CropsOfImage(augmentation, crops_per_image))
+    # Image i of the global stream fills batch slot i % batch_size of its round; slots
+    # (hence images) go to processes round-robin. Each process reads only its own.
+    crops = crops[jax.process_index()::process_count]
+    loader = loader or LoaderOptions()
+    return iter(_RoundBatches(loader.iterate(crops), batch_size // process_count,
+                              crops_per_image))
 
 
 def image_tiles(image: np.ndarray, label: np.ndarray, tile_size: int,
@@ -111,10 +236,27 @@ def image_tiles(image: np.ndarray, label: np.ndarray, tile_size: int,
                                   tile_size, tile_size, ignore_label)
 
 
-def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, tile_size: int,
-                 ignore_label: int = IGNORE_LABEL,
-                 downscale: float = 1.0) -> Iterator[dict[str, np.ndarray]]:
-    """This process's evaluation batches: every pixel of its examples exactly once.
+class _ExampleTiles(grain.transforms.Map):
+    """An example -> its tiles, stacked (``image_tiles``)."""
+
+    def __init__(self, tile_size: int, ignore_label: int, downscale: float):
+        self.tile_size = tile_size
+        self.ignore_label = ignore_label
+        self.downscale = downscale
+
+    def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+        images, labels = zip(*image_tiles(element["image"], element["label"], self.tile_size,
+                                          self.ignore_label, downscale=self.downscale))
+        return {"image": np.stack(images), "label": np.stack(labels)}
+
+
+class EvalBatches:
+    """This process's evaluation batches of a split, read ahead (in workers if any).
+
+    Calling it gives one pass over the split: every pixel of this process's examples
+    exactly once, in order, the last batch completed with all-ignored tiles. Decoding
+    and tiling run ahead of the device in the loader's workers, which stay alive
+    between passes (starting workers costs seconds; a training run evaluates often).
 
     Args:
       source: random-access examples.
@@ -123,27 +265,50 @@ def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, tile_size
       ignore_label: label of padding (not counted by metrics).
       downscale: resize factor applied to each example before tiling; metrics are then
         computed at that resolution.
-
-    Yields:
-      ``{'image': uint8 [b, t, t, 3], 'label': uint8 [b, t, t]}``; the last batch is
-      completed with all-ignored tiles.
+      loader: workers and read-ahead; None: the main process alone.
     """
-    local_batch = batch_size // jax.process_count()
-    images, labels = [], []
-    for index in range(jax.process_index(), len(source), jax.process_count()):
-        example = source[index]
-        for image, label in image_tiles(example["image"], example["label"], tile_size,
-                                        ignore_label, downscale=downscale):
-            images.append(image)
-            labels.append(label)
-            if len(images) == local_batch:
-                yield {"image": np.stack(images), "label": np.stack(labels)}
-                images, labels = [], []
-    if images:
-        while len(images) < local_batch:
-            images.append(np.zeros_like(images[0]))
-            labels.append(np.full_like(labels[0], ignore_label))
-        yield {"image": np.stack(images), "label": np.stack(labels)}
+
+    def __init__(self, source: Sequence[dict[str, Any]], *, batch_size: int, tile_size: int,
+                 ignore_label: int = IGNORE_LABEL, downscale: float = 1.0,
+                 loader: LoaderOptions | None = None):
+        self._local_batch = batch_size // jax.process_count()
+        self._ignore_label = ignore_label
+        examples = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+        self._count = len(examples)
+        # Repeated, so that one iterator (and its workers) serves every pass.
+        self._tiles = (loader or LoaderOptions()).iterate(
+            examples.map(_ExampleTiles(tile_size, ignore_label, downscale)).repeat())
+        self._iterator: grain.DatasetIterator | None = None
+
+    def __call__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Yields ``{'image': uint8 [b, t, t, 3], 'label': uint8 [b, t, t]}`` batches."""
+        if self._count == 0:
+            return
+        # A pass abandoned half-way would leave the stream mid-split: start afresh.
+        iterator, self._iterator = self._iterator or iter(self._tiles), None
+        images, labels = [], []
+        for _ in range(self._count):
+            tiles = next(iterator)
+            images.extend(tiles["image"])
+            labels.extend(tiles["label"])
+            while len(images) >= self._local_batch:
+                yield {"image": np.stack(images[:self._local_batch]),
+                       "label": np.stack(labels[:self._local_batch])}
+                del images[:self._local_batch], labels[:self._local_batch]
+        if images:
+            while len(images) < self._local_batch:
+                images.append(np.zeros_like(images[0]))
+                labels.append(np.full_like(labels[0], self._ignore_label))
+            yield {"image": np.stack(images), "label": np.stack(labels)}
+        self._iterator = iterator
+
+
+def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, tile_size: int,
+                 ignore_label: int = IGNORE_LABEL, downscale: float = 1.0,
+                 loader: LoaderOptions | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One pass of ``EvalBatches`` (same arguments): for a single evaluation."""
+    return EvalBatches(source, batch_size=batch_size, tile_size=tile_size,
+                       ignore_label=ignore_label, downscale=downscale, loader=loader)()
 
 
 def empty_batch(batch_size: int, tile_size: int,

@@ -1,4 +1,4 @@
-"""A parameter table of a model: count per top-level module and total."""
+"""What a model costs: parameters per top-level module, FLOPs and memory of a compiled step."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ def summary(params: Mapping[str, Any]) -> str:
         lines.append(f"{name:<{width}}  {count:>13,}  {count / max(total, 1):>6.1%}")
     lines.append(f"{'total':<{width}}  {total:>13,}")
     return "\n".join(lines)
+
+
+def step_summary(compiled: jax.stages.Compiled, *, batch_size: int) -> dict[str, float]:
+    """FLOPs and memory of one compiled train step, from XLA's own analyses.
+
+    ``temp_gib`` is XLA's temporary buffer size: activations kept for the backward pass
+    plus workspace, i.e. the activation memory estimate (per device).
+    """
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    summary = {"gflops_per_step": float(cost.get("flops", float("nan"))) / 1e9}
+    summary["gflops_per_image"] = summary["gflops_per_step"] / batch_size
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        summary["temp_gib"] = memory.temp_size_in_bytes / 2**30
+        summary["argument_gib"] = memory.argument_size_in_bytes / 2**30
+    return summary
