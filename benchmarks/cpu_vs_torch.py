@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
+from lcseg import experiment as experiment_lib  # noqa: E402
 from lcseg import parallel, train  # noqa: E402
 from lcseg.data import pipeline  # noqa: E402
 from lcseg.ops import fast_apply  # noqa: E402
@@ -95,7 +96,7 @@ def build_lcseg_step(*, size: int, batch: int, fast: bool, bf16: bool = False,
     @jax.jit
     def logits_step(state, batch):
         images = pipeline.normalize_images(batch["image"], mean, std, dtype)
-        logits = state.apply_fn(train.inference_variables(state), images, train=False)
+        logits = state.apply_fn(experiment_lib.inference_variables(state), images, train=False)
         return state, {"logits": logits}
 
     return logits_step, state, device_batch

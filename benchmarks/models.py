@@ -6,7 +6,7 @@ One row per registered model at its defaults (``unet`` is the milesial U-Net; th
 Zhang presets; ``unetpp`` on ResNet-34; ``deeplabv3plus`` on ResNet-50 at output stride
 16) plus ``deeplabv3plus_smp`` (segmentation_models_pytorch's layout on ResNet-34, the
 22,438,485-parameter model of Cai & Zhang). Each row runs in its own subprocess, so that
-its peak memory is its own. There the model is built by ``lcseg.train.Experiment``
+its peak memory is its own. There the model is built by ``lcseg.experiment.Experiment``
 exactly as training builds it (configs/default.py with ``config.model`` replaced), and
 the compiled train step (forward, loss, backward, optimizer) and inference step (forward
 and argmax) are timed on random batches after a compiling call: the median of
@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,9 @@ from absl import app, flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from model_child import RESULT_PREFIX, measure  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("models", None, "Comma-separated rows of ROWS (default: all).")
@@ -44,6 +46,8 @@ flags.DEFINE_enum("half_precision", "auto", ["auto", "true", "false"],
                   "bfloat16 compute; auto: on accelerators only.")
 flags.DEFINE_string("dataset", "synthetic", "Dataset whose class count the heads get.")
 flags.DEFINE_string("child", None, "Internal: benchmark this row and print its JSON.")
+flags.DEFINE_bool("tiny", False, "The tests' tiny widths of each model "
+                  "(configs/test_models.py), for smoke runs.")
 
 # Row name -> config.model.
 ROWS = {
@@ -56,7 +60,6 @@ ROWS = {
     "deeplabv3plus": dict(name="deeplabv3plus"),
     "deeplabv3plus_smp": dict(name="deeplabv3plus", layout="smp", encoder="resnet34"),
 }
-RESULT_PREFIX = "@@"
 
 
 def median_seconds(step, steps: int) -> float:
@@ -88,19 +91,26 @@ def benchmark_row(row: str) -> dict:
     import numpy as np
 
     from configs import default
-    from lcseg import parallel, train
+    from lcseg import parallel
+    from lcseg.experiment import Experiment
     from lcseg.models import count_parameters
+    from lcseg.models.summary import step_summary
 
     config = default.get_config()
     config.dataset.name = FLAGS.dataset
-    config.model = ml_collections.ConfigDict(ROWS[row])
+    if FLAGS.tiny:
+        from configs.test_models import TINY_MODELS
+
+        config.model = ml_collections.ConfigDict(TINY_MODELS[row])
+    else:
+        config.model = ml_collections.ConfigDict(ROWS[row])
     config.batch_size = config.eval_batch_size = FLAGS.batch
     config.crop_size = config.eval_tile_size = FLAGS.size
     accelerator = jax.devices()[0].platform != "cpu"
     config.half_precision = (accelerator if FLAGS.half_precision == "auto"
                              else FLAGS.half_precision == "true")
 
-    experiment = train.Experiment(config)
+    experiment = Experiment(config)
     state = experiment.init_state()
     rng = np.random.default_rng(0)
     shape = (FLAGS.batch, FLAGS.size, FLAGS.size)
@@ -110,8 +120,9 @@ def benchmark_row(row: str) -> dict:
         experiment.mesh)
 
     start = time.perf_counter()
-    train_step = experiment.train_step.lower(state, batch).compile()
-    predict_step = experiment.predict_step.lower(state, batch["image"]).compile()
+    train_lowered = experiment.train_step.lower(state, batch)
+    predict_lowered = experiment.predict_step.lower(state, batch["image"])
+    train_step, predict_step = train_lowered.compile(), predict_lowered.compile()
     compile_seconds = time.perf_counter() - start
     holder = {"state": state}
 
@@ -124,12 +135,14 @@ def benchmark_row(row: str) -> dict:
     train_seconds = median_seconds(one_train_step, FLAGS.steps)
     predict_seconds = median_seconds(lambda: predict_step(holder["state"], batch["image"]),
                                      FLAGS.steps)
-    analysis = train.step_summary(train_step, batch_size=FLAGS.batch)
+    analysis = step_summary(train_lowered, train_step, batch_size=FLAGS.batch)
+    predict_analysis = step_summary(predict_lowered, predict_step, batch_size=FLAGS.batch)
     peak, peak_kind = peak_memory_gib()
     return {"row": row, "parameters": count_parameters(holder["state"].params),
             "train_images_per_s": FLAGS.batch / train_seconds,
             "inference_images_per_s": FLAGS.batch / predict_seconds,
             "gflops_per_image": analysis["gflops_per_image"],
+            "predict_gflops_per_image": predict_analysis["gflops_per_image"],
             "temp_gib": analysis.get("temp_gib", float("nan")), "peak_gib": peak,
             "peak_kind": peak_kind, "compile_s": compile_seconds,
             "dtype": "bfloat16" if config.half_precision else "float32",
@@ -146,18 +159,15 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         raise app.UsageError(f"Unknown --models {unknown}; valid: {sorted(ROWS)}")
-    passed = [f"--{name}={FLAGS[name].value}"
-              for name in ("size", "batch", "steps", "half_precision", "dataset")]
     results = []
     for row in rows:
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={row}",
-                                *passed], cwd=REPO_ROOT, capture_output=True, text=True)
-        lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-        if child.returncode or not lines:
-            print(f"{row}: failed ({child.returncode})\n{child.stderr[-3000:]}",
-                  file=sys.stderr)
+        result = measure(row, size=FLAGS.size, batch=FLAGS.batch, steps=FLAGS.steps,
+                         half_precision=FLAGS.half_precision, dataset=FLAGS.dataset,
+                         tiny=FLAGS.tiny)
+        if "error" in result:
+            print(f"{row}: failed: {result['error']}", file=sys.stderr)
             continue
-        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+        results.append(result)
         print(f"{row}: done", file=sys.stderr, flush=True)
     if not results:
         return
@@ -170,7 +180,7 @@ def main(argv: list[str]) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['row']} | {r['parameters']:,} | {r['train_images_per_s']:.3g} | "
-              f"{r['inference_images_per_s']:.3g} | {r['gflops_per_image']:.0f} | "
+              f"{r['inference_images_per_s']:.3g} | {r['gflops_per_image']:.4g} | "
               f"{r['temp_gib']:.2f} | {r['peak_gib']:.2f} | {r['compile_s']:.0f} |")
 
 

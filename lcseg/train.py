@@ -177,13 +177,10 @@ def with_pretrained_weights(state: TrainState, path: str, mesh) -> TrainState:
 
 
 def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
-                        compiled: jax.stages.Compiled) -> None:
+                        lowered: jax.stages.Lowered, compiled: jax.stages.Compiled) -> None:
     """Parameters per module, FLOPs and memory per step: to the log and WORKDIR/summary.txt."""
     lines = [f"Model {config.model.name}", model_summary(state.params)]
-    figures = step_summary(compiled, batch_size=config.batch_size)
-    # XLA's cost analysis counts one device's share of the data-parallel step (the step
-    # runs on every device of the mesh, i.e. all of them): per image is per device batch.
-    figures["gflops_per_image"] *= jax.device_count()
+    figures = step_summary(lowered, compiled, batch_size=config.batch_size)
     lines.append(f"Train step (batch {config.batch_size} x {config.crop_size}^2): "
                  + ", ".join(f"{k} {v:.6g}" for k, v in figures.items()))
     # lcseg.compare reads this line: a speed is only comparable on the same hardware.
@@ -282,8 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     input_wait += time.perf_counter() - wait_start
                     if compiled_step is None:
                         # Compile once, ahead of time, and read XLA's cost analysis from it.
-                        compiled_step = experiment.train_step.lower(state, batch).compile()
-                        write_model_summary(workdir, config, state, compiled_step)
+                        lowered_step = experiment.train_step.lower(state, batch)
+                        compiled_step = lowered_step.compile()
+                        write_model_summary(workdir, config, state, lowered_step,
+                                            compiled_step)
                         interval_start = time.perf_counter()
                     state, metrics = compiled_step(state, batch)
                     step_metrics.append(metrics)
