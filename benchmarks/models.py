@@ -120,9 +120,12 @@ def benchmark_row(row: str) -> dict:
         experiment.mesh)
 
     start = time.perf_counter()
-    train_lowered = experiment.train_step.lower(state, batch)
     predict_lowered = experiment.predict_step.lower(state, batch["image"])
-    train_step, predict_step = train_lowered.compile(), predict_lowered.compile()
+    train_step = experiment.train_step.lower(state, batch).compile()
+    predict_step = predict_lowered.compile()
+    analysis = step_summary(experiment.lower_for_flops(state, batch), train_step,
+                            batch_size=FLAGS.batch)
+    predict_analysis = step_summary(predict_lowered, predict_step, batch_size=FLAGS.batch)
     compile_seconds = time.perf_counter() - start
     holder = {"state": state}
 
@@ -135,8 +138,6 @@ def benchmark_row(row: str) -> dict:
     train_seconds = median_seconds(one_train_step, FLAGS.steps)
     predict_seconds = median_seconds(lambda: predict_step(holder["state"], batch["image"]),
                                      FLAGS.steps)
-    analysis = step_summary(train_lowered, train_step, batch_size=FLAGS.batch)
-    predict_analysis = step_summary(predict_lowered, predict_step, batch_size=FLAGS.batch)
     peak, peak_kind = peak_memory_gib()
     return {"row": row, "parameters": count_parameters(holder["state"].params),
             "train_images_per_s": FLAGS.batch / train_seconds,

@@ -295,6 +295,15 @@ class Experiment:
     def abstract_state(self) -> TrainState:
         return abstract_train_state(self.config, self.model, self.mesh)
 
+    def lower_for_flops(self, state: TrainState, batch: dict[str, jax.Array]
+                        ) -> jax.stages.Lowered:
+        """The train step lowered with XLA's own convolutions, for counting its FLOPs.
+
+        ``fast_conv``'s weight gradients loop over chunks, and XLA's cost analysis counts
+        a loop body once: with them the U-Net's step reads ~30% fewer FLOPs than it does.
+        """
+        return self.train_step.lower(state.replace(apply_fn=self.model.apply), batch)
+
     def evaluate_split(self, state: TrainState, source) -> dict[str, Any]:
         config = self.config
         ignore = self.metadata.ignore_label

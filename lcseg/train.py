@@ -279,9 +279,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     input_wait += time.perf_counter() - wait_start
                     if compiled_step is None:
                         # Compile once, ahead of time, and read XLA's cost analysis from it.
-                        lowered_step = experiment.train_step.lower(state, batch)
-                        compiled_step = lowered_step.compile()
-                        write_model_summary(workdir, config, state, lowered_step,
+                        compiled_step = experiment.train_step.lower(state, batch).compile()
+                        write_model_summary(workdir, config, state,
+                                            experiment.lower_for_flops(state, batch),
                                             compiled_step)
                         interval_start = time.perf_counter()
                     state, metrics = compiled_step(state, batch)

@@ -21,6 +21,7 @@ from tensorboard.util import tensor_util
 from lcseg import checkpoints, compare, parallel, train
 from lcseg.data import get_metadata, open_split
 from lcseg.models import create_model
+from lcseg.ops import fast_conv
 from tests.conftest import run_python
 from tests.test_train import tiny_config
 
@@ -163,10 +164,38 @@ def test_gflops_per_image_do_not_depend_on_the_device_count(runs):
     batch = parallel.shard_batch({"image": np.zeros((4, size, size, 3), np.uint8),
                                   "label": np.zeros((4, size, size), np.uint8)},
                                  experiment.mesh)
-    lowered = experiment.train_step.lower(experiment.init_state(), batch)
-    one_device = train.step_summary(lowered, lowered.compile(),
+    state = experiment.init_state()
+    one_device = train.step_summary(experiment.lower_for_flops(state, batch),
+                                    experiment.train_step.lower(state, batch).compile(),
                                     batch_size=4)["gflops_per_image"]
     assert run.gflops_per_image == pytest.approx(one_device, rel=0.05)
+
+
+def test_flops_are_those_of_xla_convolutions_whatever_fast_conv_does(synthetic_data_dir,
+                                                                      monkeypatch):
+    """fast_conv's chunk loops would be counted once by XLA: summaries count plain convs.
+
+    The plain-convolution step's count is the reference (XLA counts a convolution as
+    2 * output pixels * kernel area * input * output channels). Small chunks make the
+    tiny model's weight gradients loop, as a real model's do at 512x512.
+    """
+    monkeypatch.setattr(fast_conv, "_WHOLE_BYTES", 0)
+    monkeypatch.setattr(fast_conv, "_CHUNK_BYTES", 1 << 12)
+    monkeypatch.setattr(fast_conv, "_MIN_CHUNK_PIXELS", 64)
+    def flops(fast_conv, lower):
+        config = tiny_config(synthetic_data_dir, fast_conv=fast_conv, crop_size=64)
+        experiment = train.Experiment(config, mesh=parallel.make_mesh(jax.devices()[:1]))
+        batch = parallel.shard_batch({"image": np.zeros((2, 64, 64, 3), np.uint8),
+                                      "label": np.zeros((2, 64, 64), np.uint8)},
+                                     experiment.mesh)
+        state = experiment.init_state()
+        lowered = lower(experiment)(state, batch)
+        return train.step_summary(lowered, lowered.compile(), batch_size=2)["gflops_per_step"]
+
+    plain = flops("off", lambda e: e.train_step.lower)
+    # The premise: at this size the fast step's loops hide FLOPs from the analysis.
+    assert flops("on", lambda e: e.train_step.lower) < 0.95 * plain
+    assert flops("on", lambda e: e.lower_for_flops) == pytest.approx(plain, rel=1e-6)
 
 
 def test_latest_checkpoint_and_split_pick_their_own_report(runs, tmp_path):
