@@ -7,16 +7,21 @@ downloaded archives in ``manual_dir``), then returns a sequence whose items are
     {'image': uint8 HxWx3, 'label': uint8 HxW, 'id': str, ...dataset extras}
 
 backed by a TFDS ArrayRecord data source (random access, picklable for grain workers).
+Images and labels are decoded here with Pillow rather than by TFDS, whose decoding copies
+the image again and repeats a label's channel (on a 2448x2448 example: 94 ms per example
+instead of 80, all of it loader time).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from lcseg.data.metadata import DatasetMetadata, get_metadata
 from lcseg.data.tfds_builder import TRAIN_COUNTS_KEY
@@ -57,8 +62,26 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
     return builder
 
 
+# Features stored as encoded images, decoded by ``ExampleSource``.
+_IMAGE_FEATURES = ("image", "label")
+
+
+def _decode(data: bytes, mode: str) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode != mode:  # Builders store RGB images and 8-bit labels.
+            image = image.convert(mode)
+        return np.asarray(image)
+
+
 class ExampleSource(Sequence):
-    """Random-access examples of one split, decoded to numpy (``image``, ``label``, ``id``)."""
+    """Random-access examples of one split, decoded to numpy (``image``, ``label``, ``id``).
+
+    Args:
+      data_source: a TFDS data source read with ``SKIP_DECODING`` for ``image`` and
+        ``label`` (``open_split`` makes one): their encoded bytes.
+      metadata: the dataset's metadata.
+      split: the split's name.
+    """
 
     def __init__(self, data_source: Sequence, metadata: DatasetMetadata, split: str):
         self._data_source = data_source
@@ -74,8 +97,9 @@ class ExampleSource(Sequence):
             raise IndexError(f"index {index} out of range for {self!r}")
         record = self._data_source[index % len(self)]
         example = {key: (value.decode() if isinstance(value, bytes) else value)
-                   for key, value in record.items()}
-        example["label"] = np.asarray(example["label"])[..., 0]
+                   for key, value in record.items() if key not in _IMAGE_FEATURES}
+        example["image"] = _decode(record["image"], "RGB")
+        example["label"] = _decode(record["label"], "L")
         return example
 
     def __repr__(self) -> str:
@@ -100,7 +124,9 @@ def open_split(name: str, split: str, data_dir: str | None = None, *,
     available = sorted({*builder.info.splits.keys(), *aliases})
     if split not in available:
         raise ValueError(f"Dataset {name!r} has no split {split!r}; available: {available}")
-    data_source = builder.as_data_source(split=aliases.get(split, split))
+    data_source = builder.as_data_source(
+        split=aliases.get(split, split),
+        decoders={name: tfds.decode.SkipDecoding() for name in _IMAGE_FEATURES})
     return ExampleSource(data_source, get_metadata(name), split)
 
 
