@@ -131,8 +131,9 @@ def loader_check(dataset: str, demand: float | None) -> dict[str, Any]:
     """The config's training iterator on in-memory full-size examples of ``dataset``."""
     from lcseg.data import pipeline
 
-    side, image_format, config_name = loader_data.DATASETS[dataset]
-    config = importlib.import_module(f"configs.{config_name}").get_config()
+    shape = loader_data.DATASETS[dataset]
+    side, image_format = shape.side, shape.image_format
+    config = importlib.import_module(f"configs.{shape.config}").get_config()
     count = 16
     if FLAGS.smoke:
         side, count = 96, 4
@@ -140,7 +141,8 @@ def loader_check(dataset: str, demand: float | None) -> dict[str, Any]:
         config.data.workers = min(config.data.workers, 1)
     source = loader_data.fake_source(dataset, count, side=side)
     iterator = pipeline.train_iterator(
-        source, batch_size=config.batch_size, crop_size=config.crop_size, seed=0,
+        loader_data.Repeated(source, shape.train_examples), batch_size=config.batch_size,
+        crop_size=config.crop_size, seed=0,
         augment=config.augment, crops_per_image=config.data.crops_per_image,
         loader=pipeline.LoaderOptions.from_config(config.data))
     rate = loader_data.loader_rate(iterator, config.batch_size,
