@@ -19,7 +19,7 @@ Why these numbers (dataset facts from datasets/deepglobe/README.md):
   64-channel activation of such a batch is already 1.6 GB in bfloat16.
 * Decoding a whole 2448x2448 JPEG (6 Mpx) and its mask costs ~100 ms, a 512 crop ~1 ms:
   each decoded image gives 8 crops (to 8 consecutive batches; each batch still holds 16
-  different images), so one core delivers ~60 crops/s instead of ~9, and 8 loader
+  different images), so one core delivers ~90 crops/s instead of ~9, and 8 loader
   processes keep the GPU fed (benchmarks/input_pipeline.py).
 * "unknown" pixels are the ignore label: mIoU is over the six evaluated classes.
 """
