@@ -50,12 +50,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.end_learning_rate_factor = 0.01  # cosine/linear: final lr = factor * peak
     config.step_boundaries = (0.6, 0.85)  # 'step': fractions of num_train_steps
     config.step_factor = 0.1  # 'step': multiply the lr by this at each boundary
-    # Reduce-on-plateau on validation mIoU, on top of any schedule: after this many
-    # evaluations without improvement multiply the lr by plateau_factor (0: off).
+    # Reduce-on-plateau on validation mIoU, on top of any schedule: PyTorch's
+    # ReduceLROnPlateau(mode='max') acting on a multiplier of the lr (lcseg/train.py,
+    # update_tracker). When more than plateau_patience evaluations in a row bring no
+    # improvement, multiply the lr by plateau_factor (0: off; e.g. 2 reduces at the 3rd).
     config.plateau_patience = 0
-    config.plateau_factor = 0.5
+    config.plateau_factor = 0.5  # in [0, 1)
+    # Floor of the multiplier: with a constant schedule, PyTorch's min_lr / learning_rate.
     config.plateau_min_scale = 1e-3
-    # Stop after this many evaluations without a better validation mIoU (0: off).
+    # An improvement is mIoU > best * (1 + threshold) ('rel') or > best + threshold
+    # ('abs'); smaller gains count as evaluations without improvement (PyTorch defaults).
+    config.plateau_threshold = 1e-4
+    config.plateau_threshold_mode = "rel"
+    # Evaluations after a reduction during which the count of evaluations without
+    # improvement stays at 0 (no reduction can follow sooner than cooldown + patience + 1).
+    config.plateau_cooldown = 0
+    # Stop after this many evaluations in a row without a strictly better validation mIoU
+    # (PyTorch Lightning's EarlyStopping(mode='max', min_delta=0); 0: off).
     config.early_stopping_patience = 0
     # Exponential moving average of the parameters (0: off); when on, evaluation and
     # the best checkpoint use the averaged parameters.

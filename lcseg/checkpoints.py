@@ -20,7 +20,10 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
+
+from lcseg.tracker import upgrade_tracker
 
 BEST_METRIC = "miou"
 
@@ -93,6 +96,9 @@ class Checkpointer:
             items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True,
                            custom_metadata={"normalisation": normalisation or {}})
+        # Orbax's own lines are hidden by default (lcseg.cli): say where it goes, once.
+        logging.info("Saving the checkpoint of step %d to %s", step,
+                     os.path.join(self.directory, str(step)))
 
     def normalisation(self, step: int) -> dict[str, list[float]]:
         """The input normalisation saved with ``step`` (empty if none was saved)."""
@@ -110,11 +116,27 @@ class Checkpointer:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
             if hasattr(x, "shape") else x, target)
+        # Checkpoints of older lcseg versions lack tracker entries added since: restore
+        # without them, then fill them in.
+        saved = ocp.StandardCheckpointer().metadata(
+            os.path.join(self.directory, str(step), "state")).item_metadata.tree
+        tracker = getattr(abstract, "tracker", None)
+        missing = ([key for key in tracker if key not in saved.get("tracker", {})]
+                   if isinstance(tracker, dict) and isinstance(saved, dict) else [])
+        if missing:
+            abstract = abstract.replace(tracker={key: value for key, value in tracker.items()
+                                                 if key not in missing})
         items = {"state": ocp.args.StandardRestore(abstract)}
         if data_iterator is not None:
             items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        state = restored["state"]
+        if missing:
+            logging.info("Checkpoint %d predates tracker entries %s: filled in.", step, missing)
+            filled = upgrade_tracker(jax.device_get(state.tracker))
+            state = state.replace(tracker={
+                key: jax.device_put(filled[key], tracker[key].sharding) for key in tracker})
+        return state
 
     def wait(self) -> None:
         """Blocks until pending saves finish; raises if a background save failed."""

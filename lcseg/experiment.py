@@ -28,9 +28,16 @@ from flax.training import train_state
 from lcseg import losses, optim, parallel
 from lcseg.data import pipeline
 from lcseg.data.metadata import get_metadata
-from lcseg.metrics import ConfusionMatrix, scores_from_confusion
+from lcseg.metrics import (
+    ConfusionMatrix,
+    PerImageConfusion,
+    per_image_scores,
+    scores_from_confusion,
+    tile_confusion_matrices,
+)
 from lcseg.models import create_model
 from lcseg.ops.fast_conv import fast_apply, should_use_fast_conv
+from lcseg.tracker import init_tracker
 from lcseg.visualize import comparison_panels
 
 
@@ -48,20 +55,6 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
     ema_params: Any
     tracker: dict[str, jax.Array]
-
-
-def init_tracker() -> dict[str, jax.Array]:
-    """Validation history that reduce-on-plateau and early stopping act on.
-
-    ``best_miou``: best validation mIoU so far; ``evals_since_best``: evaluations since
-    it improved (early stopping); ``plateau_count``: evaluations without improvement since
-    the last learning-rate reduction; ``lr_scale``: the reduce-on-plateau multiplier.
-    Kept in the train state, so it is checkpointed and a resumed run continues it.
-    """
-    return {"best_miou": jnp.asarray(-1.0, jnp.float32),
-            "evals_since_best": jnp.asarray(0, jnp.int32),
-            "plateau_count": jnp.asarray(0, jnp.int32),
-            "lr_scale": jnp.asarray(1.0, jnp.float32)}
 
 
 @flax.struct.dataclass
@@ -190,17 +183,32 @@ def inference_variables(state: TrainState) -> dict[str, Any]:
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
-              mean: tuple, std: tuple, dtype: jnp.dtype, num_classes: int) -> EvalMetrics:
-    """Loss (weighted by counted pixels) and confusion matrix of one batch."""
+              mean: tuple, std: tuple, dtype: jnp.dtype, num_classes: int
+              ) -> tuple[EvalMetrics, dict[str, jax.Array]]:
+    """Loss (weighted by counted pixels) and confusion matrix of one batch.
+
+    Returns:
+      ``(metrics, tiles)``: the batch's ``EvalMetrics``, and, when the batch carries an
+      ``image_index`` (int ``[B]``, which image each tile is from, -1 for padding),
+      ``tiles = {'image_index': [B], 'confusion': int32 [B, C, C]}`` for per-image
+      scores (``evaluate``); otherwise ``{}``.
+    """
     images = pipeline.normalize_images(batch["image"], mean, std, dtype)
     labels = batch["label"].astype(jnp.int32)
     logits = state.apply_fn(inference_variables(state), images,
                             train=False).astype(jnp.float32)
     loss, _ = loss_fn(logits, labels)
     counted = jnp.sum((labels >= 0) & (labels < num_classes)).astype(jnp.float32)
-    return EvalMetrics.single_from_model_output(
-        loss=loss, counted=counted, labels=labels, predictions=jnp.argmax(logits, axis=-1),
+    predictions = jnp.argmax(logits, axis=-1)
+    metrics = EvalMetrics.single_from_model_output(
+        loss=loss, counted=counted, labels=labels, predictions=predictions,
         num_classes=num_classes)
+    tiles = {}
+    if "image_index" in batch:
+        tiles = {"image_index": batch["image_index"],
+                 "confusion": tile_confusion_matrices(labels, predictions,
+                                                      num_classes=num_classes)}
+    return metrics, tiles
 
 
 def predict_step(state: TrainState, images: jax.Array, *, mean: tuple, std: tuple,
@@ -222,23 +230,36 @@ def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, n
 
     Processes may hold different numbers of batches; one that runs out feeds all-ignored
     batches until every process is done, since each step is a collective computation.
+
+    The scores are those of one confusion matrix over the split (the benchmarks'
+    protocol). When batches carry ``image_index`` (each tile's image, -1 for padding), the
+    per-image scores of ``metrics.per_image_scores`` are added under their own names
+    (``miou_per_image``, ``iou_per_image``, ``images_per_class``).
     """
     merged = None
+    per_image = PerImageConfusion(num_classes)
     iterator = iter(batches)
     while True:
         batch = next(iterator, None)
         if not parallel.any_process_true(batch is not None):
             break
-        step_metrics = eval_fn(state, parallel.shard_batch(
+        # ``empty_batch`` must have the keys of real batches (``image_index`` included,
+        # all -1): each step is one computation of the same structure on every process.
+        step_metrics, tiles = eval_fn(state, parallel.shard_batch(
             batch if batch is not None else empty_batch, mesh))
         # Merging on host accumulates the confusion matrix in int64.
-        step_metrics = jax.device_get(step_metrics)
+        step_metrics, tiles = jax.device_get((step_metrics, tiles))
         merged = step_metrics if merged is None else merged.merge(step_metrics)
+        if tiles:  # global arrays: every process sees every process's tiles
+            per_image.add(tiles["image_index"], tiles["confusion"])
     if merged is None:
         raise ValueError("The evaluation split is empty.")
     matrix = merged.confusion.compute()
-    return {"loss": float(merged.loss.compute()), "confusion_matrix": matrix,
-            **scores_from_confusion(matrix)}
+    scores = {"loss": float(merged.loss.compute()), "confusion_matrix": matrix,
+              **scores_from_confusion(matrix)}
+    if len(per_image):
+        scores.update(per_image_scores(per_image.compute()))
+    return scores
 
 
 # ---------------------------------------------------------------------------------------

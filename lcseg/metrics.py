@@ -2,7 +2,8 @@
 
 The protocol of all three benchmarks: accumulate a single confusion matrix over the whole
 split (ignored pixels dropped before counting), then derive every score from it. Per-image
-averaging gives different, non-comparable numbers and is not offered.
+averaging gives different, non-comparable numbers: it is offered only as an extra,
+clearly named score (``miou_per_image``, see ``per_image_scores``), never in place of these.
 
 ``ConfusionMatrix`` is a ``clu.metrics.Metric``: each step computes a small int32 matrix on
 device; merging on host (after ``jax.device_get``) accumulates in int64, so long
@@ -50,6 +51,97 @@ def confusion_matrix(labels: jax.Array, predictions: jax.Array, *, num_classes: 
     index = jnp.where(valid, labels * num_classes + predictions, num_classes * num_classes)
     counts = jnp.bincount(index, length=num_classes * num_classes + 1)
     return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
+
+
+def tile_confusion_matrices(labels: jax.Array, predictions: jax.Array, *,
+                            num_classes: int) -> jax.Array:
+    """One confusion matrix per tile: ``confusion_matrix`` of each ``labels[i]``.
+
+    Args:
+      labels: int ``[B, ...]`` ground truth; out-of-range labels (ignore) are skipped.
+      predictions: int ``[B, ...]`` predicted classes.
+      num_classes: C.
+
+    Returns:
+      int32 ``[B, C, C]``, rows true class, columns predicted class.
+    """
+    tiles = labels.shape[0]
+    labels = labels.reshape(tiles, -1).astype(jnp.int32)
+    predictions = predictions.reshape(tiles, -1).astype(jnp.int32)
+    valid = (labels >= 0) & (labels < num_classes)
+    bins = num_classes * num_classes + 1  # the last bin of each tile takes ignored pixels
+    index = jnp.where(valid, labels * num_classes + predictions, bins - 1)
+    # One bincount over all tiles, each tile offset into its own block of bins.
+    index = index + bins * jnp.arange(tiles, dtype=jnp.int32)[:, None]
+    counts = jnp.bincount(index.reshape(-1), length=tiles * bins).reshape(tiles, bins)
+    return counts[:, :-1].reshape(tiles, num_classes, num_classes).astype(jnp.int32)
+
+
+class PerImageConfusion:
+    """Host accumulator of one int64 confusion matrix per image, from tiles of images.
+
+    Evaluation tiles each image; a tile's matrix is added to its image's. Tiles with a
+    negative image index (padding of the last batch, batches of a process that ran out)
+    are skipped.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self._matrices: dict[int, np.ndarray] = {}
+
+    def add(self, image_index: np.ndarray, matrices: np.ndarray) -> None:
+        """Adds ``matrices[i]`` (``[B, C, C]``) to image ``image_index[i]`` (``[B]``)."""
+        for index, matrix in zip(np.asarray(image_index).tolist(), np.asarray(matrices)):
+            if index < 0:
+                continue
+            if index not in self._matrices:
+                self._matrices[index] = np.zeros((self.num_classes,) * 2, np.int64)
+            self._matrices[index] += matrix
+
+    def __len__(self) -> int:
+        return len(self._matrices)
+
+    def compute(self) -> np.ndarray:
+        """int64 ``[images, C, C]``, in image-index order."""
+        if not self._matrices:
+            return np.zeros((0, self.num_classes, self.num_classes), np.int64)
+        return np.stack([self._matrices[k] for k in sorted(self._matrices)])
+
+
+def per_image_scores(matrices: np.ndarray) -> dict[str, Any]:
+    """Per-image IoU averaged over the images that contain each class.
+
+    The protocol of "Finding a Faster UNet" (and other per-image reports): for each image
+    and each class present in its ground truth, IoU = TP / (TP + FP + FN) over that image's
+    labelled pixels; a class's score is the mean over the images that contain it, and
+    ``miou_per_image`` the mean over classes present in at least one image. A class
+    predicted in an image whose ground truth lacks it is not scored on that image, so
+    those false positives count nowhere (the split-level IoU counts them). Each image
+    weighs the same whatever its size. These numbers are not comparable with the
+    split-level ``miou`` of ``scores_from_confusion``, which the benchmarks use.
+
+    Args:
+      matrices: ``[images, C, C]`` confusion matrices, one per image.
+
+    Returns:
+      ``iou_per_image`` (``[C]``, NaN for a class in no image), ``miou_per_image`` and
+      ``images_per_class`` (``[C]``, how many images contain each class).
+    """
+    matrices = np.asarray(matrices, np.float64)
+    true_positive = np.diagonal(matrices, axis1=1, axis2=2)  # [N, C]
+    per_true = matrices.sum(axis=2)
+    union = per_true + matrices.sum(axis=1) - true_positive
+    present = per_true > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(present, true_positive / np.where(union > 0, union, 1), 0.0)
+        images = present.sum(axis=0)
+        class_iou = np.where(images > 0, iou.sum(axis=0) / images, np.nan)
+    return {
+        "iou_per_image": class_iou,
+        "miou_per_image": (float(np.nanmean(class_iou)) if np.any(images > 0)
+                           else float("nan")),
+        "images_per_class": images.astype(np.int64),
+    }
 
 
 @flax.struct.dataclass
@@ -137,6 +229,13 @@ def write_scores_json(path: str, scores: dict[str, Any], class_names: Sequence[s
            if key in scores},
         **{key: {name: _json_number(v) for name, v in zip(class_names, scores[key])}
            for key in ("iou", "f1", "precision", "recall")},
+        # Extra, non-benchmark scores (see per_image_scores); only when computed.
+        **({"miou_per_image": _json_number(scores["miou_per_image"]),
+            "iou_per_image": {name: _json_number(v)
+                              for name, v in zip(class_names, scores["iou_per_image"])},
+            "images_per_class": {name: int(v) for name, v in
+                                 zip(class_names, scores["images_per_class"])}}
+           if "miou_per_image" in scores else {}),
         "confusion_matrix": np.asarray(scores["confusion_matrix"]).tolist(),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

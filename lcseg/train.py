@@ -26,34 +26,11 @@ from lcseg.metrics import write_scores_json
 from lcseg.models import load_pretrained, pretrained_normalisation
 from lcseg.models import summary as model_summary
 from lcseg.models.summary import step_summary
+from lcseg.tracker import check_tracker_config, update_tracker
 from lcseg.visualize import confusion_heatmap
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-
-
-def update_tracker(tracker: dict[str, Any], miou: float,
-                   config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """The tracker after an evaluation with validation ``miou`` (host-side, numpy).
-
-    Reduce-on-plateau follows PyTorch's ReduceLROnPlateau (mode 'max', threshold 0): after
-    ``plateau_patience`` evaluations without a new best, the scale is multiplied by
-    ``plateau_factor`` (not below ``plateau_min_scale``) and the count restarts.
-    """
-    tracker = {k: np.asarray(v) for k, v in jax.device_get(tracker).items()}
-    if miou > tracker["best_miou"]:
-        tracker["best_miou"] = np.asarray(miou, np.float32)
-        tracker["evals_since_best"] = np.asarray(0, np.int32)
-        tracker["plateau_count"] = np.asarray(0, np.int32)
-    else:
-        tracker["evals_since_best"] = tracker["evals_since_best"] + 1
-        tracker["plateau_count"] = tracker["plateau_count"] + 1
-    if config.plateau_patience > 0 and tracker["plateau_count"] >= config.plateau_patience:
-        tracker["lr_scale"] = np.asarray(
-            max(float(tracker["lr_scale"]) * config.plateau_factor, config.plateau_min_scale),
-            np.float32)
-        tracker["plateau_count"] = np.asarray(0, np.int32)
-    return tracker
 
 
 def scalar_summaries(scores: dict[str, Any], metadata: DatasetMetadata,
@@ -118,7 +95,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
     with open(path) as f:
-        saved = json.load(f)
+        try:
+            saved = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): restore it from a copy, "
+                             "or start the run in a new workdir.") from error
     from configs import default  # The defaults live with the configs.
 
     def merge(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Devices: %d (%s), processes: %d", jax.device_count(),
                  jax.devices()[0].platform, jax.process_count())
     parallel.local_batch_size(config.batch_size)  # Fail early on an indivisible batch.
+    check_tracker_config(config)  # Fail now, not at the first evaluation.
     if config.batch_size % config.grad_accum_steps:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                          f"config.grad_accum_steps={config.grad_accum_steps}.")

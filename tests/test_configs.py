@@ -3,6 +3,8 @@
 import importlib
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from lcseg.data import get_metadata
@@ -18,4 +20,10 @@ def test_config_builds_its_model(name):
     metadata = get_metadata(config.dataset.name)
     options = {k: v for k, v in config.model.items()}
     model = create_model(**options, num_classes=metadata.num_classes)
-    assert model is not None and config.batch_size % config.grad_accum_steps == 0
+    assert config.batch_size % config.grad_accum_steps == 0
+    # Built and run abstractly (shapes only, no FLOPs): the options are ones the model
+    # accepts, and it gives a logit per class at every pixel of the input.
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    logits, _ = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, train=False), images)
+    assert logits.shape == (1, 64, 64, metadata.num_classes)

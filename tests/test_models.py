@@ -1,6 +1,6 @@
 """The model zoo: registry, published parameter counts, shapes, precision, pretrained
-encoders (without PyTorch; tests/test_models_torch_parity.py compares against PyTorch),
-and a few training steps of every model family through main.py."""
+encoders (without PyTorch; tests/test_models_torch_parity.py compares against PyTorch
+transcriptions), and a few training steps of every model family through main.py."""
 
 import concurrent.futures
 import functools

@@ -1,4 +1,10 @@
-"""Numerical parity with PyTorch references written here (torch==2.13.0 CPU, tests only).
+"""Numerical parity with PyTorch transcriptions written here (torch==2.13.0 CPU, tests only).
+
+The references are transcriptions, not torchvision's or segmentation_models_pytorch's own
+modules (PyPI's torchvision does not import beside this CPU torch wheel), and
+test names say so. The U-Net reference takes its level widths and convolution counts from
+the Flax model itself (``level_channels``, ``level_convs``): it checks the layers and their
+wiring, not those counts. Only ``resize_bilinear`` is compared with torch's own function.
 
 Each reference follows the layout it stands for (torchvision's ResNet and its
 ``replace_stride_with_dilation``; segmentation_models_pytorch's dilated encoders and
@@ -177,7 +183,7 @@ def torch_resnet(case):
 
 
 @pytest.mark.parametrize("name", sorted(RESNET_CASES))
-def test_imported_resnet_features_equal_torchvisions(name, tmp_path):
+def test_imported_resnet_features_equal_a_transcription_of_torchvisions_resnet(name, tmp_path):
     case = RESNET_CASES[name]
     reference = torch_resnet(case)
     checkpoint, converted = str(tmp_path / f"{name}.pth"), str(tmp_path / f"{name}.npz")
@@ -289,7 +295,7 @@ UNET_CASES = {
 
 
 @pytest.mark.parametrize("key", sorted(UNET_CASES))
-def test_unet_logits_equal_a_pytorch_unets(key):
+def test_unet_logits_equal_a_torch_transcription_built_from_the_models_level_layout(key):
     options = dict(UNET_CASES[key])
     size = options.pop("size")
     model = create_model(options.pop("name"), num_classes=5, **options)
@@ -375,7 +381,7 @@ class TorchDeepLabV3Plus(tnn.Module):
 
 
 @pytest.mark.parametrize("layout", ["smp", "standard"])
-def test_deeplabv3plus_logits_equal_a_pytorch_deeplabv3pluss(layout, tmp_path):
+def test_deeplabv3plus_logits_equal_a_transcription_of_smps_and_the_papers_layout(layout, tmp_path):
     model = create_model("deeplabv3plus", num_classes=5, encoder="resnet18", layout=layout,
                          encoder_width=8, aspp_channels=16, low_level_channels=8,
                          decoder_channels=16)

@@ -13,6 +13,7 @@ import warnings
 import zipfile
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import rasterio
@@ -120,6 +121,157 @@ def test_tta_of_a_dihedral_invariant_model_changes_nothing(tta):
     _, plain = predict.predict_scene(make_predictor(window=32), image)
     _, augmented = predict.predict_scene(make_predictor(window=32, tta=tta), image)
     np.testing.assert_allclose(augmented, plain, rtol=1e-5, atol=1e-6)
+
+
+class PositionModel(nn.Module):
+    """Logits = a 1x1 convolution of the pixel + a learned field over the window position.
+
+    The field makes the model neither invariant nor equivariant under flips and
+    rotations: the answer for a pixel depends on where the window puts it and which way
+    up the window is, so a TTA transform left out, or an inverse that does not undo its
+    transform, changes the prediction.
+    """
+
+    num_classes: int
+    window: int
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train
+        field = self.param("field", nn.initializers.zeros,
+                           (self.window, self.window, self.num_classes))
+        return nn.Conv(self.num_classes, (1, 1), name="head")(images) + field
+
+
+def position_weights(num_classes, window, seed=0):
+    variables = pixel_weights(num_classes, seed)
+    field = np.random.default_rng(seed + 1).normal(0, 3, (window, window, num_classes))
+    variables["params"]["field"] = field.astype(np.float32)
+    return variables
+
+
+def numpy_position_model(variables, normalised):
+    """``PositionModel``'s softmax in float64 numpy, for one ``[w, w, 3]`` window."""
+    params = variables["params"]
+    logits = (normalised @ params["head"]["kernel"][0, 0].astype(np.float64)
+              + params["head"]["bias"] + params["field"])
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def numpy_tta_reference(variables, image, mode):
+    """Mean over the group of ``g^-1(model(g(x)))``, written independently of predict.py.
+
+    The groups are enumerated differently from ``predict._tta_transforms`` on purpose
+    (transposes instead of left-right mirrors, axis-0/1 flips instead of NHWC axes): only
+    the set of transforms matters, and each inverse is checked by construction
+    (``undo(do(x)) == x``) rather than trusted.
+    """
+    x = (image.astype(np.float64) / 255.0 - MEAN) / STD
+    if mode == "flips":  # the identity, up-down, left-right and both: self-inverse
+        pairs = [(lambda a, axes=axes: np.flip(a, axes) if axes else a,) * 2
+                 for axes in ((), (0,), (1,), (0, 1))]
+    else:  # the 8 symmetries of the square: 4 rotations, each with and without transpose
+        def transpose(a):
+            return np.swapaxes(a, 0, 1)
+
+        pairs = []
+        for k in range(4):
+            pairs.append((lambda a, k=k: np.rot90(a, k), lambda a, k=k: np.rot90(a, -k)))
+            pairs.append((lambda a, k=k: np.rot90(transpose(a), k),
+                          lambda a, k=k: transpose(np.rot90(a, -k))))
+    for do, undo in pairs:
+        assert np.array_equal(undo(do(x)), x)
+    # Eight (or four) distinct transforms of a generic image: the whole group is there.
+    assert len({do(x).tobytes() for do, _ in pairs}) == len(pairs)
+    return np.mean([undo(numpy_position_model(variables, do(x))) for do, undo in pairs], 0)
+
+
+@pytest.mark.parametrize("tta", ["flips", "dihedral"])
+def test_tta_averages_the_model_over_transformed_inputs_mapped_back(tta):
+    # One window covering the whole scene (overlap 0): the prediction is that window's
+    # TTA average itself, with no blending, so it can be computed exactly in numpy.
+    window, num_classes = 16, 6
+    image = random_image(window, window, seed=7)
+    variables = position_weights(num_classes, window)
+    predictor = predict.Predictor(PositionModel(num_classes, window), variables,
+                                  metadata=get_metadata("synthetic"), mean=MEAN, std=STD,
+                                  window=window, overlap=0.0, batch_size=1, tta=tta)
+    _, probabilities = predict.predict_scene(predictor, image)
+    expected = numpy_tta_reference(variables, image, tta)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+    # The model is far from equivariant, so the test could tell a wrong TTA apart: the
+    # plain prediction is far from the TTA average.
+    plain = numpy_position_model(variables, (image / 255.0 - MEAN) / STD)
+    assert np.abs(plain - expected).max() > 0.3
+
+
+class FieldModel(nn.Module):
+    """Logits from the pixel's position in the window alone (the image is ignored)."""
+
+    num_classes: int
+    window: int
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train
+        field = self.param("field", nn.initializers.zeros,
+                           (self.window, self.window, self.num_classes))
+        return jnp.broadcast_to(field, (*images.shape[:3], self.num_classes))
+
+
+def linear_field(num_classes, window, seed=0):
+    """Logits that ramp linearly across the window, each class its own slope."""
+    rng = np.random.default_rng(seed)
+    down, across = rng.normal(0, 3, (2, num_classes))
+    i = (np.arange(window) + 0.5) / window
+    return (down * i[:, None, None] + across * i[None, :, None]).astype(np.float32)
+
+
+def seam_ratio(overlap, *, window=32, num_classes=6, height=100, width=120):
+    """Largest jump across a window border / the model's largest within-window step.
+
+    The model's answer changes with the position in the window, so the windows
+    overlapping a pixel disagree about it; a blend that gives a window full say up to
+    its edge jumps where a window begins or ends. The within-window step is measured on
+    the model's own output (numpy, float64), per axis: a seamless blend changes no more
+    from one pixel to the next across a border than the model does inside a window.
+    """
+    field = linear_field(num_classes, window)
+    predictor = predict.Predictor(
+        FieldModel(num_classes, window), {"params": {"field": field}},
+        metadata=get_metadata("synthetic"), mean=MEAN, std=STD, window=window,
+        overlap=overlap, batch_size=4)
+    _, probabilities = predict.predict_scene(predictor, random_image(height, width))
+    logits = field.astype(np.float64)
+    model = np.exp(logits - logits.max(-1, keepdims=True))
+    model /= model.sum(-1, keepdims=True)
+    ratios = []
+    for axis, length in ((0, height), (1, width)):
+        within = np.abs(np.diff(model, axis=axis)).max()
+        steps = np.abs(np.diff(probabilities, axis=axis)).max(axis=(1 - axis, 2))
+        starts = predict.window_starts(length, window, predictor.stride, predictor.margin)
+        # steps[e - 1] is the change from pixel e - 1 to e, where a window starts (e = top)
+        # or has just ended (e = top + window).
+        borders = sorted({edge - 1 for top in starts for edge in (top, top + window)
+                          if 1 <= edge < length})
+        assert len(borders) >= 4  # the scene spans several windows along each axis
+        ratios.append(steps[borders].max() / within)
+    return max(ratios)
+
+
+@pytest.mark.parametrize("overlap", [0.25, 0.5])
+def test_blending_leaves_no_seam_at_window_borders(overlap):
+    assert seam_ratio(overlap) <= 1.0
+
+
+def test_seam_measure_detects_seams_of_uniform_weights(monkeypatch):
+    # Averaging overlapping windows with equal weights is what leaves seams; the measure
+    # above must see them, or the test before proves nothing.
+    monkeypatch.setattr(predict, "window_weights",
+                        lambda size, floor=predict.WEIGHT_FLOOR: np.ones((size, size),
+                                                                          np.float32))
+    assert seam_ratio(0.5) > 3.0
 
 
 def test_scenes_smaller_than_the_window_and_bad_settings():

@@ -61,6 +61,20 @@ def assert_trees_equal(a, b, **tolerance):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def logged_steps(path: str, tag: str = "train/loss") -> list[int]:
+    """The steps at which ``tag`` was written, sorted, over every events file of a workdir
+    (``path`` a directory) or one file: a step written by two runs appears twice."""
+    accumulator = event_accumulator.EventAccumulator(
+        path, size_guidance={event_accumulator.TENSORS: 0}, purge_orphaned_data=False)
+    accumulator.Reload()
+    return sorted(event.step for event in accumulator.Tensors(tag))
+
+
+def events_files(workdir: str) -> set[str]:
+    return {os.path.join(workdir, name) for name in os.listdir(workdir)
+            if name.startswith("events.out.tfevents")}
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(synthetic_data_dir, tmp_path_factory):
     """A tiny run on 4 devices: 6 steps, evaluated and checkpointed at 3 and 6."""
@@ -80,11 +94,18 @@ def test_training_writes_config_checkpoints_and_resumes(trained_workdir, synthet
     assert steps[-1] == 6 and checkpointer.best_step() in (3, 6)
     assert set(steps) == {6, checkpointer.best_step()}  # latest and best kept, nothing else
 
-    # The same command with more steps resumes from step 6 rather than starting over.
+    # The same command with more steps resumes from step 6 rather than starting over:
+    # it trains, logs and evaluates steps 7 and 8 only (a run that started again from
+    # step 0 would log steps 2..6 and evaluate steps 3 and 6 a second time).
+    before = events_files(trained_workdir)
     state = train.train_and_evaluate(tiny_config(synthetic_data_dir, num_train_steps=8),
                                      trained_workdir)
     assert int(state.step) == 8
     assert checkpointer.resolve_step("latest") == 6  # (read-only view taken before)
+    (resumed_events,) = events_files(trained_workdir) - before
+    assert logged_steps(resumed_events) == [8]  # log_every_steps=2, but 7 is not logged
+    assert logged_steps(resumed_events, "eval/miou") == [8]
+    assert logged_steps(trained_workdir, "eval/miou") == [3, 6, 8]
 
 
 def test_tensorboard_reads_scalars_images_and_hparams(trained_workdir):
@@ -179,7 +200,17 @@ def test_killed_run_resumes_bit_identically(synthetic_data_dir, tmp_path):
     finished = os.path.join(killed, "checkpoints", "40")
     assert not os.path.exists(finished), "the run finished before it could be killed"
 
+    resume_from = train.checkpoints.Checkpointer(os.path.join(killed, "checkpoints"),
+                                                 read_only=True).latest_step()
+    assert resume_from is not None and resume_from % 5 == 0
+    before = events_files(killed)
     run_python(_main_args(killed, synthetic_data_dir, *steps))
+    # The second run started at the checkpointed step: it logged (every 5 steps) only the
+    # steps after it, which a run starting over from step 0 would not...
+    (resumed_events,) = events_files(killed) - before
+    assert logged_steps(resumed_events) == list(range(resume_from + 5, 41, 5))
+    # ...and from the checkpointed parameters, optimizer and iterator state: it ends where
+    # the uninterrupted run ends, bit for bit.
     assert_trees_equal(read_params(killed, 40), read_params(reference, 40))
 
 

@@ -281,25 +281,36 @@ class EvalBatches:
         self._iterator: grain.DatasetIterator | None = None
 
     def __call__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Yields ``{'image': uint8 [b, t, t, 3], 'label': uint8 [b, t, t]}`` batches."""
+        """Yields batches of tiles: ``image`` uint8 [b, t, t, 3], ``label`` uint8 [b, t, t].
+
+        ``image_index`` (int32 [b]) is each tile's example index in the split, -1 for
+        padding tiles: per-image scores add up the tiles of each image.
+        """
         if self._count == 0:
             return
         # A pass abandoned half-way would leave the stream mid-split: start afresh.
         iterator, self._iterator = self._iterator or iter(self._tiles), None
-        images, labels = [], []
-        for _ in range(self._count):
+        images, labels, indices = [], [], []
+        for local in range(self._count):
             tiles = next(iterator)
             images.extend(tiles["image"])
             labels.extend(tiles["label"])
+            # This process holds examples process_index, + process_count, ... of the split.
+            index = jax.process_index() + local * jax.process_count()
+            indices.extend([index] * len(tiles["label"]))
             while len(images) >= self._local_batch:
                 yield {"image": np.stack(images[:self._local_batch]),
-                       "label": np.stack(labels[:self._local_batch])}
+                       "label": np.stack(labels[:self._local_batch]),
+                       "image_index": np.asarray(indices[:self._local_batch], np.int32)}
                 del images[:self._local_batch], labels[:self._local_batch]
+                del indices[:self._local_batch]
         if images:
             while len(images) < self._local_batch:
                 images.append(np.zeros_like(images[0]))
                 labels.append(np.full_like(labels[0], self._ignore_label))
-            yield {"image": np.stack(images), "label": np.stack(labels)}
+                indices.append(-1)
+            yield {"image": np.stack(images), "label": np.stack(labels),
+                   "image_index": np.asarray(indices, np.int32)}
         self._iterator = iterator
 
 
@@ -316,7 +327,8 @@ def empty_batch(batch_size: int, tile_size: int,
     """An all-ignored local batch: what a process feeds when it has run out of examples."""
     local_batch = batch_size // jax.process_count()
     return {"image": np.zeros((local_batch, tile_size, tile_size, 3), np.uint8),
-            "label": np.full((local_batch, tile_size, tile_size), ignore_label, np.uint8)}
+            "label": np.full((local_batch, tile_size, tile_size), ignore_label, np.uint8),
+            "image_index": np.full((local_batch,), -1, np.int32)}
 
 
 def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float],
