@@ -11,6 +11,9 @@ with per-class IoU (and F1, precision, recall), mIoU, accuracy and the confusion
 ``lcseg.predict`` (overlapping windows of ``config.eval_tile_size``, blended; what
 ``python -m lcseg.predict`` writes) instead of non-overlapping tiles, and reports the same
 scores from one confusion matrix (no loss) in ``<split>-<step>-full_scene.json``.
+
+Bad input (no such workdir, checkpoint or split) prints one ``lcseg.evaluate: error:``
+line and exits with status 1; ``--verbosity=0`` shows the traceback and library logs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from lcseg import checkpoints, parallel, train
+from lcseg import checkpoints, cli, parallel, train
 from lcseg.data import get_metadata, open_split
 from lcseg.metrics import confusion_matrix, scores_from_confusion, write_scores_json
 
@@ -82,12 +85,13 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str | int = "best"
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR),
                                             read_only=True)
     step = checkpointer.resolve_step(checkpoint)
+    # Opened before the model is built and restored: a wrong --split fails in a second.
+    source = open_split(config.dataset.name, split, config.dataset.data_dir,
+                        manual_dir=config.dataset.manual_dir)
     # Full scenes: each process predicts its own examples on its own devices.
     experiment = train.Experiment(
         config, mesh=parallel.make_mesh(jax.local_devices()) if full_scene else None)
     state = checkpointer.restore(step, experiment.abstract_state())
-    source = open_split(config.dataset.name, split, config.dataset.data_dir,
-                        manual_dir=config.dataset.manual_dir)
     logging.info("Evaluating step %d on %s (%d examples%s)", step, split, len(source),
                  ", whole scenes" if full_scene else "")
     if full_scene:
@@ -106,8 +110,10 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str | int = "best"
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    scores, path = evaluate_checkpoint(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
-                                       FLAGS.data_dir, full_scene=FLAGS.full_scene)
+    cli.quiet_library_logs()
+    with cli.exit_on_bad_input("lcseg.evaluate"):
+        scores, path = evaluate_checkpoint(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
+                                           FLAGS.data_dir, full_scene=FLAGS.full_scene)
     config = train.load_config(FLAGS.workdir)
     print(train.format_scores_table(scores, get_metadata(config.dataset.name)))
     print(f"Wrote {path}")

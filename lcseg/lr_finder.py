@@ -9,6 +9,10 @@ bias-corrected exponential moving average, stops once the smoothed loss exceeds
 loss falls fastest (steepest negative slope against log learning rate), capped at a tenth
 of the rate with the lowest loss. Writes ``WORKDIR/lr_finder.png`` (loss against learning
 rate, suggestion marked) and ``WORKDIR/lr_finder.json``, and prints the suggestion.
+
+Bad input (a config lacking fields of configs/default.py, an unknown dataset, data not
+found, a sweep that cannot run, a --workdir that cannot be a folder) prints one
+``lcseg.lr_finder: error:`` line and exits with status 1, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lcseg import parallel, train
+from lcseg import cli, parallel, train
 from lcseg.data import open_split, prepare
 
 FLAGS = flags.FLAGS
@@ -50,6 +54,61 @@ def suggest(learning_rates: np.ndarray, smoothed: np.ndarray) -> float:
     capped = min(steepest, float(learning_rates[int(np.argmin(smoothed))]) / 10)
     # Never below the sweep: a loss lowest at the very start says "lower min_lr".
     return max(capped, float(learning_rates[0]))
+
+
+def missing_fields(config: ml_collections.ConfigDict,
+                   defaults: ml_collections.ConfigDict | None = None, prefix: str = ""
+                   ) -> list[str]:
+    """The fields of configs/default.py that ``config`` lacks, as dotted names.
+
+    ``config.model`` is not compared: it holds the chosen model's own options.
+
+    Args:
+      config: an experiment config.
+      defaults: what to compare with; None for ``configs.default.get_config()``.
+      prefix: the dotted path of ``config`` (for recursion).
+    """
+    if defaults is None:
+        from configs import default  # The defaults live with the configs.
+
+        defaults = default.get_config()
+    missing = []
+    for key, value in defaults.items():
+        name = f"{prefix}{key}"
+        if name == "model":
+            continue
+        if key not in config:
+            missing.append(name)
+        elif (isinstance(value, ml_collections.ConfigDict)
+              and isinstance(config[key], ml_collections.ConfigDict)):
+            missing += missing_fields(config[key], value, f"{name}.")
+    return missing
+
+
+def check_arguments(config: ml_collections.ConfigDict, workdir: str, *, where: str,
+                    min_lr: float, max_lr: float, steps: int, divergence: float) -> None:
+    """Raises ValueError naming the first bad argument or missing config field.
+
+    Checked before anything is built, so that a typo costs a second, not a compile.
+    """
+    if missing := missing_fields(config):
+        raise ValueError(
+            f"{where}: the config has no field(s) {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; build it on configs.default.get_config() "
+            "(as configs/unet_synthetic.py does), which defines every field.")
+    if not 0 < min_lr < max_lr:
+        raise ValueError(f"--min_lr={min_lr:g} and --max_lr={max_lr:g}: need "
+                         "0 < min_lr < max_lr.")
+    if steps < 2:
+        raise ValueError(f"--steps={steps}: the sweep needs at least 2 steps.")
+    if divergence <= 1:
+        raise ValueError(f"--divergence={divergence:g}: must be above 1 (the loss's "
+                         "multiple of its minimum at which the sweep stops).")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:  # A file of that name, no permission, ...
+        raise ValueError(f"--workdir {workdir!r} cannot be used as a folder "
+                         f"({error.strerror}); give a folder that can be written to.") from None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6,
@@ -131,12 +190,18 @@ def _define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    result = run(FLAGS.config, FLAGS.workdir, min_lr=FLAGS.min_lr, max_lr=FLAGS.max_lr,
-                 steps=FLAGS.steps, divergence=FLAGS.divergence)
+    cli.quiet_library_logs()
+    options = dict(min_lr=FLAGS.min_lr, max_lr=FLAGS.max_lr, steps=FLAGS.steps,
+                   divergence=FLAGS.divergence)
+    with cli.exit_on_bad_input("lcseg.lr_finder"):
+        config = cli.config_from_flag("config")
+        check_arguments(config, FLAGS.workdir,
+                        where=config_flags.get_config_filename(FLAGS["config"]), **options)
+        result = run(config, FLAGS.workdir, **options)
     print(f"Suggested learning rate: {result['suggested_learning_rate']:.3g}")
     print(f"Plot: {result['plot']}")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.config_flags_parser("lcseg.lr_finder"))

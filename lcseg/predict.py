@@ -86,7 +86,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from lcseg import parallel
+from lcseg import cli, parallel
 from lcseg.data import open_split
 from lcseg.data.metadata import IGNORE_COLOUR, DatasetMetadata
 from lcseg.data.pipeline import normalize_images
@@ -1197,16 +1197,14 @@ def run(*, workdir: str, inputs: str | None, output: str | None, checkpoint: str
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
+    cli.quiet_library_logs()
+    with cli.exit_on_bad_input("lcseg.predict"):  # A user's mistake: one line, no traceback.
         results = run(workdir=FLAGS.workdir, inputs=FLAGS.input, output=FLAGS.output,
                       checkpoint=FLAGS.checkpoint, tta=FLAGS.tta, overlap=FLAGS.overlap,
                       window=FLAGS.window, batch=FLAGS.batch,
                       probabilities=FLAGS.probabilities, bands=FLAGS.bands,
                       stretch=FLAGS.stretch, loveda_submission=FLAGS.loveda_submission,
                       data_dir=FLAGS.data_dir)
-    except (FileNotFoundError, ValueError) as error:
-        # A user's mistake (an input, a flag, a workdir): the message, not a traceback.
-        sys.exit(f"lcseg.predict: error: {error}")
     if FLAGS.loveda_submission:
         print(f"Wrote {FLAGS.loveda_submission} ({len(results)} images)")
     else:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lcseg import cli
 from lcseg.data import DATASETS, get_metadata, prepare
 
 
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="TFDS data directory (default: $TFDS_DATA_DIR or "
                              "~/tensorflow_datasets)")
     args = parser.parse_args(argv)
+    cli.quiet_library_logs()  # E.g. TFDS's "Variant folder ... has no dataset_info.json".
 
     data_dir = os.path.expanduser(args.data_dir) if args.data_dir else None
     was_prepared = get_metadata(args.name).builder_class()(data_dir=data_dir).is_prepared()

@@ -19,6 +19,7 @@ import dataclasses
 import io
 import shutil
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +98,21 @@ _RED = 7  # Code in the fake class maps for pure red (no class).
 
 
 def write_deepglobe(manual_dir: Path, *, as_zip: bool = True, zip_name: str = "archive.zip",
-                    size: int = 64, seed: int = 0) -> FakeDataset:
+                    size: int = 64, seed: int = 0,
+                    labelled_ids: Sequence[str] | None = None) -> FakeDataset:
     """Writes a fake Kaggle DeepGlobe download: zip (members at its root) or extracted folder.
 
     Masks are colour-coded RGB PNGs whose colours are perturbed by up to 40 per channel
     (as JPEG-damaged masks are), with some unknown (black) and pure red pixels.
+
+    Args:
+      manual_dir: where to write.
+      as_zip: write the zip (True) or the folder it extracts to.
+      zip_name: the zip's name.
+      size: image side in pixels.
+      seed: of the random images and masks.
+      labelled_ids: the ``train/`` (labelled) image ids, e.g. a part of a download;
+        None for ``DEEPGLOBE_LABELLED_IDS``. Must not repeat the valid/test ids.
 
     Returns:
       The fake; ``splits`` holds ``'labelled'`` (the 803-like train/ ids) and
@@ -120,9 +131,10 @@ def write_deepglobe(manual_dir: Path, *, as_zip: bool = True, zip_name: str = "a
 
     colours = np.array([colour for _, colour in DEEPGLOBE_CLASS_DICT] + [(255, 0, 0)],
                        np.int16)
+    labelled_ids = list(DEEPGLOBE_LABELLED_IDS if labelled_ids is None else labelled_ids)
     images, labels, rows = {}, {}, []
-    for image_id in DEEPGLOBE_LABELLED_IDS + DEEPGLOBE_VALID_IDS + DEEPGLOBE_TEST_IDS:
-        sub = ("train" if image_id in DEEPGLOBE_LABELLED_IDS
+    for image_id in labelled_ids + DEEPGLOBE_VALID_IDS + DEEPGLOBE_TEST_IDS:
+        sub = ("train" if image_id in labelled_ids
                else "valid" if image_id in DEEPGLOBE_VALID_IDS else "test")
         buffer = io.BytesIO()
         Image.fromarray(_texture(rng, size, size)).save(buffer, "JPEG", quality=95)
@@ -148,7 +160,7 @@ def write_deepglobe(manual_dir: Path, *, as_zip: bool = True, zip_name: str = "a
 
     source = zip_folder(folder, manual_dir / zip_name) if as_zip else folder
     return FakeDataset(manual_dir, source,
-                       {"labelled": list(DEEPGLOBE_LABELLED_IDS),
+                       {"labelled": labelled_ids,
                         "unlabelled": DEEPGLOBE_VALID_IDS + DEEPGLOBE_TEST_IDS},
                        images, labels)
 

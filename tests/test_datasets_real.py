@@ -8,6 +8,9 @@ that names the file and what to do, and leave nothing prepared behind.
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import random
 import textwrap
 import zipfile
 from pathlib import Path
@@ -68,15 +71,85 @@ def _files(folder: Path) -> list[Path]:
 
 def test_deepglobe_split_rule_is_stable():
     # Pinned: changing the rule silently would move images between train and test.
-    pinned = {"100694": "validation", "6399": "train", "207743": "test", "91": "validation",
-              "55": "train"}
-    assert {image_id: deepglobe.split_of(image_id) for image_id in pinned} == pinned
-    counts = {split: 0 for split in deepglobe.LABELLED_SPLITS}
-    for image_id in range(20000):
-        counts[deepglobe.split_of(str(image_id))] += 1
-    # GLNet's 454/207/142 of 803, within sampling noise.
-    for split, share in zip(deepglobe.LABELLED_SPLITS, (454, 207, 142), strict=True):
-        assert abs(counts[split] / 20000 - share / 803) < 0.01
+    pinned = {"100694": "test", "207743": "test", "6399": "validation", "91": "validation",
+              "998002": "validation", "55": "train", "12": "train"}
+    splits = deepglobe.assign_splits(fake_archives.DEEPGLOBE_LABELLED_IDS)
+    assert {image_id: splits[image_id] for image_id in pinned} == pinned
+    # The order the ids come in (file order, metadata.csv order) does not matter.
+    assert deepglobe.assign_splits(reversed(fake_archives.DEEPGLOBE_LABELLED_IDS)) == splits
+
+
+def _old_modulo_split(image_id: str) -> str:
+    """VERSION 1.0.0's rule: sha256 bucket modulo 803, cut at 454 and 661."""
+    bucket = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") % 803
+    return "train" if bucket < 454 else "validation" if bucket < 661 else "test"
+
+
+def test_deepglobe_full_download_gives_glnet_counts():
+    # 803 ids like the real ones (integers of varying length); no images needed.
+    ids = [str(number) for number in random.Random(3).sample(range(1, 1_000_000), 803)]
+    splits = deepglobe.assign_splits(ids)
+    assert collections.Counter(splits.values()) == {"train": 454, "validation": 207,
+                                                    "test": 142}
+    # Ordering by 1.0.0's bucket first: only the images between 1.0.0's cut points and
+    # the new ones change split (the minimum to reach 454/207/142).
+    old = {image_id: _old_modulo_split(image_id) for image_id in ids}
+    old_counts = collections.Counter(old.values())
+    assert old_counts != {"train": 454, "validation": 207, "test": 142}
+    old_cuts = (old_counts["train"], old_counts["train"] + old_counts["validation"])
+    moved = sum(splits[image_id] != old[image_id] for image_id in ids)
+    assert moved == abs(old_cuts[0] - 454) + abs(old_cuts[1] - 661) > 0
+
+
+@pytest.mark.parametrize("num_labelled", range(3, 40))
+def test_deepglobe_split_counts_fill_every_split(num_labelled):
+    counts = deepglobe.split_counts(num_labelled)
+    assert sum(counts.values()) == num_labelled and min(counts.values()) >= 1
+    assert counts["train"] >= counts["validation"] >= counts["test"]
+
+
+# Parts of a download (realistic ids) where 1.0.0's hash-modulo rule left test empty.
+DEEPGLOBE_SUBSETS = {
+    8: ["792618", "99537", "648506", "838334", "262774", "954038", "558533", "739526"],
+    20: ["354006", "828079", "385138", "753501", "98359", "354787", "817377", "650781",
+         "37497", "43304", "282819", "171920", "156774", "611892", "303695", "378538",
+         "414069", "575227", "136038", "307759"],
+}
+
+
+@pytest.mark.parametrize("num_labelled", sorted(DEEPGLOBE_SUBSETS))
+def test_deepglobe_part_of_the_download_fills_every_split(tmp_path, num_labelled):
+    ids = DEEPGLOBE_SUBSETS[num_labelled]
+    fake = fake_archives.write_deepglobe(tmp_path / "manual", size=16, labelled_ids=ids)
+    builder = prepare("deepglobe", str(tmp_path / "data"), str(fake.manual_dir))
+    expected = deepglobe.split_counts(num_labelled)
+    assert {split: builder.info.splits[split].num_examples
+            for split in deepglobe.LABELLED_SPLITS} == expected
+    assert min(expected.values()) >= 1
+    prepared = {split: sorted(example["id"] for example in
+                              _examples("deepglobe", split, tmp_path / "data"))
+                for split in deepglobe.LABELLED_SPLITS}
+    assert sorted(sum(prepared.values(), [])) == sorted(ids)
+
+
+def test_deepglobe_too_few_labelled_images(tmp_path):
+    fake = fake_archives.write_deepglobe(tmp_path / "manual", size=16,
+                                         labelled_ids=["6399", "55"])
+    data_dir = tmp_path / "data"
+    with pytest.raises(ValueError, match=r"archive\.zip!metadata\.csv lists 2 labelled .*"
+                                         r"at least 3 .*full download"):
+        prepare("deepglobe", str(data_dir), str(fake.manual_dir))
+    assert _files(data_dir) == []
+    with pytest.raises(ValueError, match="cannot fill"):
+        deepglobe.assign_splits(["6399", "55"])
+    # The command prints it as one line, no traceback.
+    argv = ["deepglobe", "--manual_dir", str(fake.manual_dir), "--data_dir", str(data_dir)]
+    result = run_python(["-m", "lcseg.prepare", *argv], check=False)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lists 2 labelled" in errors[0], result.stderr
+    assert _files(data_dir) == []
 
 
 def test_deepglobe_mask_decoding_binarises_at_128():
@@ -98,7 +171,8 @@ def test_deepglobe_prepares_zip_or_folder(tmp_path, as_zip, zip_name):
                                          zip_name=zip_name or "unused.zip")
     prepare("deepglobe", str(tmp_path / "data"), str(fake.manual_dir))
     labelled = fake.splits["labelled"]
-    splits = {split: [i for i in labelled if deepglobe.split_of(i) == split]
+    split_of = deepglobe.assign_splits(labelled)
+    splits = {split: [i for i in labelled if split_of[i] == split]
               for split in deepglobe.LABELLED_SPLITS}
     assert all(splits.values()), "the fake ids must reach every split"
     splits["unlabelled"] = fake.splits["unlabelled"]

@@ -7,10 +7,14 @@ folder, from ``manual_dir``. See ``datasets/deepglobe/README.md``.
 * Labels follow the challenge's rule: each mask channel is binarised at 128 and the
   3-bit colour names the class; ``unknown`` (black) and pure red (no class) become the
   ignore label 255.
-* Only the 803 ``train/`` images have masks. They are split into ``train`` /
-  ``validation`` / ``test`` by a hash of the image id (``split_of``): the same on every
-  machine and Python version, and independent of which other images are present. The
-  unlabelled ``valid/`` and ``test/`` images form the ``unlabelled`` split (labels 255).
+* Only the 803 ``train/`` images have masks. ``assign_splits`` divides them into
+  ``train`` / ``validation`` / ``test``: the ids are ordered by a hash of the id, and the
+  order is cut at GLNet's published proportions 454/207/142 (rounded), each split getting
+  at least one image. The full download gives exactly 454/207/142; a part of it (any
+  3 or more labelled images) gives every split some images. The same ids give the same
+  split on every machine and Python version. Fewer than 3 labelled images is an error.
+  The unlabelled ``valid/`` and ``test/`` images form the ``unlabelled`` split
+  (labels 255).
 * Satellite images are stored as their original JPEG bytes (decoded once to check them):
   lossless with respect to the download, and about 3.4x smaller than re-encoding the
   decoded pixels as PNG.
@@ -24,7 +28,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +51,14 @@ METADATA_CSV = "metadata.csv"
 CLASS_DICT_CSV = "class_dict.csv"
 UNKNOWN_CLASS = ("unknown", (0, 0, 0))
 
-# The split of the 803 labelled images, fixed by VERSION 1.x (changing it changes the data):
-# bucket = first 8 bytes of sha256(id) as a big-endian integer, modulo 803; buckets below
-# 454 are train, below 454 + 207 validation, the rest test (GLNet's 454/207/142 proportions).
+# The split of the labelled images, fixed by VERSION 2.x (changing it changes the data).
+# GLNet's published protocol: 454 / 207 / 142 of the 803 labelled images.
+SPLIT_SIZES = (("train", 454), ("validation", 207), ("test", 142))
+SPLIT_TOTAL = sum(size for _, size in SPLIT_SIZES)  # 803, the full download.
+# VERSION 1.0.0's bucket count. Ordering ids by their 1.0.0 bucket first means that on
+# the full download only the images near the cut points change split relative to 1.0.0.
 SPLIT_MODULUS = 803
-SPLIT_BOUNDS = (("train", 454), ("validation", 454 + 207), ("test", SPLIT_MODULUS))
-LABELLED_SPLITS = tuple(name for name, _ in SPLIT_BOUNDS)
+LABELLED_SPLITS = tuple(name for name, _ in SPLIT_SIZES)
 UNLABELLED_SPLIT = "unlabelled"
 
 MANUAL_INSTRUCTIONS = f"""\
@@ -64,18 +70,78 @@ into manual_dir. See datasets/deepglobe/README.md.
 """
 
 
-def split_of(image_id: str) -> str:
-    """Returns the split (train, validation or test) of labelled image ``image_id``.
+def _hash_key(image_id: str) -> tuple[int, int, str]:
+    """Where ``image_id`` goes in the split order: (1.0.0 bucket, 64-bit hash, id).
 
-    Args:
-      image_id: the id as in the file names and metadata.csv, e.g. ``'100694'``.
-
-    Returns:
-      ``'train'``, ``'validation'`` or ``'test'``.
+    The hash is sha256 of the id's UTF-8 bytes (the same on every machine, unlike
+    Python's ``hash``); its first 8 bytes, big-endian, are the 64-bit hash. The id itself
+    breaks (astronomically unlikely) ties, so the order is total.
     """
     digest = hashlib.sha256(image_id.encode("utf-8")).digest()
-    bucket = int.from_bytes(digest[:8], "big") % SPLIT_MODULUS
-    return next(name for name, bound in SPLIT_BOUNDS if bucket < bound)
+    value = int.from_bytes(digest[:8], "big")
+    return value % SPLIT_MODULUS, value, image_id
+
+
+def split_counts(num_labelled: int) -> dict[str, int]:
+    """How many of ``num_labelled`` labelled images go to train, validation and test.
+
+    The cut points are GLNet's cumulative proportions (454 and 454 + 207 of 803) of
+    ``num_labelled``, rounded half up in integers (no float rounding differences), then
+    moved just enough that every split keeps at least one image: 803 images give exactly
+    454/207/142, 20 give 11/5/4, 8 give 5/2/1, 3 give 1/1/1.
+
+    Args:
+      num_labelled: the number of labelled images, at least 3.
+
+    Returns:
+      ``{'train': n_train, 'validation': n_validation, 'test': n_test}``, summing to
+      ``num_labelled``.
+
+    Raises:
+      ValueError: if ``num_labelled`` is below 3 (a split would be empty).
+    """
+    if num_labelled < len(SPLIT_SIZES):
+        raise ValueError(f"{num_labelled} labelled images cannot fill the "
+                         f"{len(SPLIT_SIZES)} splits {', '.join(LABELLED_SPLITS)}.")
+    cuts, cumulative = [], 0
+    for _, size in SPLIT_SIZES[:-1]:
+        cumulative += size
+        cuts.append((2 * num_labelled * cumulative + SPLIT_TOTAL) // (2 * SPLIT_TOTAL))
+    # Each cut at least one past the previous one, and leaving one image per later split.
+    for index in range(len(cuts)):
+        lowest = (cuts[index - 1] if index else 0) + 1
+        highest = num_labelled - (len(cuts) - index)
+        cuts[index] = min(max(cuts[index], lowest), highest)
+    bounds = [0, *cuts, num_labelled]
+    return {name: bounds[index + 1] - bounds[index]
+            for index, (name, _) in enumerate(SPLIT_SIZES)}
+
+
+def assign_splits(image_ids: Iterable[str]) -> dict[str, str]:
+    """Divides labelled images into train, validation and test (the rule of VERSION 2.x).
+
+    The ids are ordered by ``_hash_key`` (a sha256 of the id: random-looking, unrelated to
+    the id's value or file order, the same everywhere) and the order is cut into
+    ``split_counts(len(ids))``. An image's split depends on which other images are present
+    only through the cut points: preparing a part of the download gives every split some
+    images, and the full 803 give GLNet's 454/207/142 exactly.
+
+    Args:
+      image_ids: the labelled image ids, as in metadata.csv and the file names
+        (``'100694'``, ``'6399'``; no padding); distinct.
+
+    Returns:
+      The split (``'train'``, ``'validation'`` or ``'test'``) of each id.
+
+    Raises:
+      ValueError: if there are fewer than 3 ids (some split would be empty).
+    """
+    ordered = sorted(image_ids, key=_hash_key)
+    splits, start = {}, 0
+    for name, count in split_counts(len(ordered)).items():
+        splits.update(dict.fromkeys(ordered[start:start + count], name))
+        start += count
+    return splits
 
 
 def _colour_code(rgb: np.ndarray) -> np.ndarray:
@@ -221,8 +287,13 @@ class Builder(LandCoverBuilder):
     """DeepGlobe Land Cover (6 classes; unknown ignored), from the Kaggle download."""
 
     name = "lcseg_deepglobe"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {
+        "2.0.0": "Split by rank: labelled ids ordered by their hash and cut at 454/207/142 "
+                 "of the number present (exactly 454/207/142 for all 803; every split "
+                 "non-empty for a part of the download of 3 or more labelled images). "
+                 "1.0.0's hash-modulo rule gave only approximately 454/207/142 and could "
+                 "leave a split empty on a part of the download.",
         "1.0.0": "First release: sha256 split of train/ into 454/207/142-like proportions, "
                  "unlabelled split of valid/ + test/, original JPEG bytes.",
     }
@@ -248,7 +319,15 @@ class Builder(LandCoverBuilder):
             labelled, unlabelled = read_metadata(
                 texts[METADATA_CSV], archive.where(root + METADATA_CSV), names, root)
 
-        items = {split: [item for item in labelled if split_of(item.image_id) == split]
+        if len(labelled) < len(LABELLED_SPLITS):
+            # Checked here, before TFDS opens any file: nothing is written.
+            raise ValueError(
+                f"{archive.where(root + METADATA_CSV)} lists {len(labelled)} labelled (train/) "
+                f"image(s); lcseg needs at least {len(LABELLED_SPLITS)} to give each of "
+                f"{', '.join(LABELLED_SPLITS)} one. Put the full download (803 labelled "
+                "images) or a larger part of it into manual_dir.")
+        split_of = assign_splits(item.image_id for item in labelled)
+        items = {split: [item for item in labelled if split_of[item.image_id] == split]
                  for split in LABELLED_SPLITS}
         items[UNLABELLED_SPLIT] = unlabelled
         return {split: self._encoded(split, self._generate_examples(source, root, split_items))
