@@ -1,17 +1,18 @@
-"""Numerical parity with PyTorch transcriptions written here (torch==2.13.0 CPU, tests only).
+"""Numerical parity with the reference libraries' own PyTorch code (torch==2.13.0 CPU, tests only).
 
-The references are transcriptions, not torchvision's or segmentation_models_pytorch's own
-modules (PyPI's torchvision does not import beside this CPU torch wheel), and
-test names say so. The U-Net reference takes its level widths and convolution counts from
-the Flax model itself (``level_channels``, ``level_convs``): it checks the layers and their
-wiring, not those counts. Only ``resize_bilinear`` is compared with torch's own function.
+torchvision's ResNet and segmentation_models_pytorch's (smp) DeepLabV3Plus and
+UnetPlusPlus do not install beside this CPU torch wheel in CI, so their model code is
+vendored verbatim under ``tests/torch_reference`` (torchvision 0.28.0, smp 0.6.0; each
+file's header says what was left out: weight download, Hub and telemetry machinery).
+The originals get random weights and BatchNorm statistics (``randomize``), run in eval
+mode, and their weights are copied into the Flax model: encoders through a saved ``.pth``
+read by ``python -m lcseg.models.import_weights`` / ``load_pretrained``, as a user would;
+decoders module by module (``copy_into``). Outputs agree to float32 rounding.
 
-Each reference follows the layout it stands for (torchvision's ResNet and its
-``replace_stride_with_dilation``; segmentation_models_pytorch's dilated encoders and
-DeepLabV3Plus decoder; the classic U-Net), gets random weights and BatchNorm statistics,
-and its weights are copied into the Flax model: ResNets through a saved ``.pth`` and
-``python -m lcseg.models.import_weights``, as a user would. Outputs agree to float32
-rounding: max abs differences of 1e-7 to 2e-6 on values of order 1.
+Two references remain transcriptions written here, and their tests say so: the classic
+U-Net (no library has lcseg's configurable one; it takes its level widths and convolution
+counts from the Flax model itself) and the paper's DeepLabv3+ decoder (``layout=
+'standard'``; smp builds only its own layout), which runs on torchvision's own ResNet-50.
 """
 
 import jax
@@ -20,11 +21,17 @@ import numpy as np
 import pytest
 import torch  # a test-only dependency (requirements-dev.txt)
 
-from lcseg.models import create_model, import_weights, load_pretrained
+from lcseg.models import count_parameters, create_model, import_weights, load_pretrained
 from lcseg.models.layers import resize_bilinear
 from lcseg.models.resnet import ResNet
 from tests.conftest import run_python
 from tests.test_models import random_variables
+from tests.torch_reference import torchvision_resnet
+from tests.torch_reference.segmentation_models_pytorch.decoders.deeplabv3 import DeepLabV3Plus
+from tests.torch_reference.segmentation_models_pytorch.decoders.unetplusplus import (
+    UnetPlusPlus,
+)
+from tests.torch_reference.segmentation_models_pytorch.encoders import get_encoder
 
 tnn = torch.nn
 F = torch.nn.functional
@@ -60,157 +67,97 @@ def randomize(model, seed=0):
 
 
 # ---------------------------------------------------------------------------------------
-# torchvision-layout ResNet.
+# ResNet: torchvision's own, and smp's encoder built on it.
 # ---------------------------------------------------------------------------------------
 
 
-def conv3x3(cin, cout, stride=1, dilation=1):
-    return tnn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation,
-                      bias=False)
+def torchvision_features(model, images):
+    """The stem's and the four stages' outputs of torchvision's ResNet, recorded by
+    forward hooks while its own ``forward`` runs (the classifier's logits are dropped)."""
+    features = []
+    modules = (model.relu, model.layer1, model.layer2, model.layer3, model.layer4)
+    hooks = [m.register_forward_hook(lambda _m, _i, out: features.append(out.clone()))
+             for m in modules]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(features) == 5
+    return features
 
 
-class TorchBlock(tnn.Module):
-    """torchvision's BasicBlock / Bottleneck (stride on the 3x3 conv: V1.5).
-
-    torchvision's BasicBlock refuses dilation; here its second conv may take the stage's
-    new dilation (``next_dilation``) while the first, which carried the stride, keeps the
-    previous one: the rule torchvision applies to the bottleneck's 3x3 conv.
-    """
-
-    def __init__(self, inplanes, planes, bottleneck, stride=1, dilation=1, downsample=None,
-                 next_dilation=None):
-        super().__init__()
-        self.bottleneck = bottleneck
-        if bottleneck:
-            self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(planes)
-            self.conv2 = conv3x3(planes, planes, stride, dilation)
-            self.bn2 = tnn.BatchNorm2d(planes)
-            self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-            self.bn3 = tnn.BatchNorm2d(planes * 4)
-        else:
-            self.conv1 = conv3x3(inplanes, planes, stride, dilation)
-            self.bn1 = tnn.BatchNorm2d(planes)
-            self.conv2 = conv3x3(planes, planes, 1, next_dilation or dilation)
-            self.bn2 = tnn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        if self.bottleneck:
-            out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
-        else:
-            out = self.bn2(self.conv2(out))
-        return F.relu(out + identity)
+def save_encoder(model, path, prefix="", legacy=False):
+    """Saves the ``prefix``-ed part of a torch state dict as a checkpoint file."""
+    state = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+    return path
 
 
-class TorchResNet(tnn.Module):
-    """torchvision's ResNet (``_make_layer`` logic) returning the five feature maps.
-
-    ``replace_stride_with_dilation`` is torchvision's; ``smp_output_stride`` then patches
-    the convolutions of the last stages as segmentation_models_pytorch's encoders do.
-    """
-
-    def __init__(self, stage_sizes, bottleneck, width=64, replace_stride_with_dilation=None,
-                 smp_output_stride=None):
-        super().__init__()
-        self.expansion = 4 if bottleneck else 1
-        self.inplanes, self.dilation = width, 1
-        self.conv1 = tnn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = tnn.BatchNorm2d(width)
-        dilate = replace_stride_with_dilation or (False, False, False)
-        self.layer1 = self._make_layer(width, stage_sizes[0], bottleneck)
-        self.layer2 = self._make_layer(width * 2, stage_sizes[1], bottleneck, 2, dilate[0])
-        self.layer3 = self._make_layer(width * 4, stage_sizes[2], bottleneck, 2, dilate[1])
-        self.layer4 = self._make_layer(width * 8, stage_sizes[3], bottleneck, 2, dilate[2])
-        rates = {None: [], 16: [(self.layer4, 2)], 8: [(self.layer3, 2), (self.layer4, 4)]}
-        for stage, rate in rates[smp_output_stride]:
-            for module in stage.modules():
-                if isinstance(module, tnn.Conv2d):
-                    module.stride, module.dilation = (1, 1), (rate, rate)
-                    module.padding = tuple(k // 2 * rate for k in module.kernel_size)
-
-    def _make_layer(self, planes, blocks, bottleneck, stride=1, dilate=False):
-        previous_dilation = self.dilation
-        if dilate:
-            self.dilation *= stride
-            stride = 1
-        downsample = None
-        if stride != 1 or self.inplanes != planes * self.expansion:
-            downsample = tnn.Sequential(
-                tnn.Conv2d(self.inplanes, planes * self.expansion, 1, stride=stride,
-                           bias=False),
-                tnn.BatchNorm2d(planes * self.expansion))
-        layers = [TorchBlock(self.inplanes, planes, bottleneck, stride, previous_dilation,
-                             downsample, next_dilation=self.dilation)]
-        self.inplanes = planes * self.expansion
-        layers += [TorchBlock(self.inplanes, planes, bottleneck, dilation=self.dilation)
-                   for _ in range(1, blocks)]
-        return tnn.Sequential(*layers)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        features = [x]
-        x = F.max_pool2d(x, 3, stride=2, padding=1)
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
-            features.append(x)
-        return features
-
-
-RESNET_CASES = {
-    # ResNet-18 itself, output stride 32, odd input size, zip-format .pth.
-    "resnet18": dict(stage_sizes=(2, 2, 2, 2), bottleneck=False, width=64, output_stride=32,
-                     style="torchvision", size=(45, 61), legacy=False),
-    # Bottleneck blocks, output stride 8 with torchvision's dilation, legacy .pth format.
-    "bottleneck_os8": dict(stage_sizes=(1, 1, 2, 2), bottleneck=True, width=16,
-                           output_stride=8, style="torchvision", size=(40, 48), legacy=True),
-    # Basic blocks, output stride 16 with segmentation_models_pytorch's uniform dilation.
-    "basic_os16_uniform": dict(stage_sizes=(2, 2, 2, 2), bottleneck=False, width=16,
-                               output_stride=16, style="uniform", size=(48, 40), legacy=False),
+TORCHVISION_CASES = {
+    # torchvision's resnet18() itself, output stride 32, odd input size, zip-format .pth.
+    "resnet18": dict(build=lambda: torchvision_resnet.resnet18(), stage_sizes=(2, 2, 2, 2),
+                     bottleneck=False, output_stride=32, size=(45, 61), legacy=False),
+    # torchvision's ResNet with Bottleneck blocks (shortened to 1, 1, 2, 2 blocks) and its
+    # replace_stride_with_dilation for output stride 8; legacy .pth format.
+    "bottleneck_os8": dict(
+        build=lambda: torchvision_resnet.ResNet(torchvision_resnet.Bottleneck, [1, 1, 2, 2],
+                                                replace_stride_with_dilation=[False, True, True]),
+        stage_sizes=(1, 1, 2, 2), bottleneck=True, output_stride=8, size=(40, 48),
+        legacy=True),
 }
 
 
-def torch_resnet(case):
-    dilate = {32: None, 16: (False, False, True), 8: (False, True, True)}
-    uniform = case["style"] == "uniform"
-    torch.manual_seed(0)
-    return randomize(TorchResNet(
-        case["stage_sizes"], case["bottleneck"], case["width"],
-        replace_stride_with_dilation=None if uniform else dilate[case["output_stride"]],
-        smp_output_stride=case["output_stride"] if uniform else None))
-
-
-@pytest.mark.parametrize("name", sorted(RESNET_CASES))
-def test_imported_resnet_features_equal_a_transcription_of_torchvisions_resnet(name, tmp_path):
-    case = RESNET_CASES[name]
-    reference = torch_resnet(case)
-    checkpoint, converted = str(tmp_path / f"{name}.pth"), str(tmp_path / f"{name}.npz")
-    torch.save(reference.state_dict(), checkpoint,
-               _use_new_zipfile_serialization=not case["legacy"])
+def compare_encoder_features(reference_features, checkpoint, tmp_path, images, stage_sizes,
+                             bottleneck, output_stride, style):
+    converted = str(tmp_path / "converted.npz")
     import_weights.main([checkpoint, converted])
-
-    images = np.random.default_rng(0).normal(size=(2, 3, *case["size"])).astype(np.float32)
-    with torch.no_grad():
-        expected = [to_nhwc(f) for f in reference(torch.from_numpy(images))]
-    encoder = ResNet(case["stage_sizes"], case["bottleneck"], case["output_stride"],
-                     case["style"], case["width"])
+    expected = [to_nhwc(f) for f in reference_features]
+    encoder = ResNet(stage_sizes, bottleneck, output_stride, style, 64)
     nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
     variables, normalisation = load_pretrained(random_variables(encoder, nhwc), converted)
     assert normalisation["mean"] == (0.485, 0.456, 0.406)
     features = jax.jit(encoder.apply)(variables, nhwc)
-    differences = [assert_close(a, e) for a, e in zip(features, expected)]
+    assert len(features) == len(expected)
+    return [assert_close(a, e) for a, e in zip(features, expected)]
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_CASES))
+def test_resnet_features_equal_torchvisions_resnet(name, tmp_path):
+    case = TORCHVISION_CASES[name]
+    torch.manual_seed(0)
+    reference = randomize(case["build"]())
+    checkpoint = save_encoder(reference, str(tmp_path / f"{name}.pth"), legacy=case["legacy"])
+    images = np.random.default_rng(0).normal(size=(2, 3, *case["size"])).astype(np.float32)
+    expected = torchvision_features(reference, torch.from_numpy(images))
+    differences = compare_encoder_features(
+        expected, checkpoint, tmp_path, images, case["stage_sizes"], case["bottleneck"],
+        case["output_stride"], "torchvision")
     print(f"{name}: max abs difference per feature {differences}")
 
 
+def test_resnet_features_equal_smps_dilated_resnet18_encoder(tmp_path):
+    """smp's encoders reach output stride 16 by dilating every conv of the last stage
+    (``make_dilated``): lcseg's ``dilation_style='uniform'``."""
+    torch.manual_seed(0)
+    reference = randomize(get_encoder("resnet18", weights=None, output_stride=16))
+    checkpoint = save_encoder(reference, str(tmp_path / "smp_resnet18.pth"))
+    images = np.random.default_rng(0).normal(size=(2, 3, 48, 40)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images))[1:]  # [0] is the input itself
+    differences = compare_encoder_features(expected, checkpoint, tmp_path, images,
+                                           (2, 2, 2, 2), False, 16, "uniform")
+    print(f"smp resnet18 os16: max abs difference per feature {differences}")
+
+
 def test_import_command_converts_a_checkpoint(tmp_path):
-    case = dict(RESNET_CASES["basic_os16_uniform"], width=8)
-    checkpoint = str(tmp_path / "resnet18-f37072fd.pth")
-    torch.save(torch_resnet(case).state_dict(), checkpoint)
+    torch.manual_seed(0)
+    checkpoint = save_encoder(torchvision_resnet.resnet18(),
+                              str(tmp_path / "resnet18-f37072fd.pth"))
     result = run_python(["-m", "lcseg.models.import_weights", checkpoint,
                          str(tmp_path / "out" / "resnet18.npz")], timeout=120)
-    assert "resnet18, base_width=8" in result.stdout
+    assert ": resnet18, 11,176,512 encoder parameters" in result.stdout
     assert "--config.model.pretrained=" in result.stdout
     assert "RuntimeWarning" not in result.stderr
     assert (tmp_path / "out" / "resnet18.npz").exists()
@@ -334,80 +281,175 @@ def test_resize_bilinear_equals_torch_interpolate(align_corners, size):
     assert_close(actual, to_nhwc(expected), relative=1e-6)
 
 
-def torch_conv_bn_relu(cin, cout, kernel_size=3, dilation=1, separable=False):
+def torch_conv_bn_relu(cin, cout, kernel_size=3, dilation=1):
     padding = dilation * (kernel_size // 2)
-    if separable:  # segmentation_models_pytorch's SeparableConv2d
-        conv = [tnn.Conv2d(cin, cin, kernel_size, padding=padding, dilation=dilation,
-                           groups=cin, bias=False), tnn.Conv2d(cin, cout, 1, bias=False)]
-    else:
-        conv = [tnn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation,
-                           bias=False)]
-    return tnn.Sequential(*conv, tnn.BatchNorm2d(cout), tnn.ReLU())
+    return tnn.Sequential(tnn.Conv2d(cin, cout, kernel_size, padding=padding,
+                                     dilation=dilation, bias=False),
+                          tnn.BatchNorm2d(cout), tnn.ReLU())
 
 
-class TorchDeepLabV3Plus(tnn.Module):
-    """DeepLabv3+ as segmentation_models_pytorch builds it (``smp``) or as the paper."""
+class TorchPaperDeepLabV3Plus(tnn.Module):
+    """A transcription of the paper's DeepLabv3+ decoder (lcseg's ``layout='standard'``)
+    on torchvision's own ResNet (its ``replace_stride_with_dilation``)."""
 
-    def __init__(self, encoder, encoder_channels, classes, rates, smp, aspp=256, low=48):
+    def __init__(self, encoder, low_channels, deep_channels, classes, rates, aspp, low):
         super().__init__()
-        self.encoder, self.smp = encoder, smp
-        cin = encoder_channels[-1]
+        self.encoder = encoder
         self.branches = tnn.ModuleList(
-            [torch_conv_bn_relu(cin, aspp, 1)]
-            + [torch_conv_bn_relu(cin, aspp, dilation=rate, separable=smp) for rate in rates])
-        self.pooling = torch_conv_bn_relu(cin, aspp, 1)
+            [torch_conv_bn_relu(deep_channels, aspp, 1)]
+            + [torch_conv_bn_relu(deep_channels, aspp, dilation=rate) for rate in rates])
+        self.pooling = torch_conv_bn_relu(deep_channels, aspp, 1)
         self.project = torch_conv_bn_relu(5 * aspp, aspp, 1)
-        self.aspp_conv = torch_conv_bn_relu(aspp, aspp, separable=True) if smp else None
-        self.low_level = torch_conv_bn_relu(encoder_channels[1], low, 1)
-        self.decoder = tnn.Sequential(*(
-            [torch_conv_bn_relu(aspp + low, aspp, separable=True)] if smp else
-            [torch_conv_bn_relu(aspp + low, aspp), torch_conv_bn_relu(aspp, aspp)]))
+        self.low_level = torch_conv_bn_relu(low_channels, low, 1)
+        self.decoder = tnn.Sequential(torch_conv_bn_relu(aspp + low, aspp),
+                                      torch_conv_bn_relu(aspp, aspp))
         self.head = tnn.Conv2d(aspp, classes, 1)
 
     def forward(self, x):
-        features = self.encoder(x)
-        deep = features[-1]
+        features = torchvision_features(self.encoder, x)
+        deep, low = features[-1], features[1]
         pooled = self.pooling(F.adaptive_avg_pool2d(deep, 1))
         branches = [branch(deep) for branch in self.branches]
         branches.append(F.interpolate(pooled, size=deep.shape[-2:], mode="bilinear"))
         y = self.project(torch.cat(branches, dim=1))
-        if self.smp:
-            y = self.aspp_conv(y)
-        low = features[1]
-        y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=self.smp)
+        y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
         y = self.decoder(torch.cat([y, self.low_level(low)], dim=1))
         return F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear",
-                             align_corners=self.smp)
+                             align_corners=False)
 
 
-@pytest.mark.parametrize("layout", ["smp", "standard"])
-def test_deeplabv3plus_logits_equal_a_transcription_of_smps_and_the_papers_layout(layout, tmp_path):
-    model = create_model("deeplabv3plus", num_classes=5, encoder="resnet18", layout=layout,
-                         encoder_width=8, aspp_channels=16, low_level_channels=8,
-                         decoder_channels=16)
-    smp = layout == "smp"
+def torch_parameter_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def perturb_head_bias(conv):
+    """smp initialises the head's bias to zero; a random one checks that it is copied."""
+    with torch.no_grad():
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=torch.Generator().manual_seed(1)))
+
+
+SMP_DEEPLAB_CASES = {
+    # smp's defaults (resnet34, 256 channels, output stride 16, rates 12, 24, 36). On a
+    # 64x64 input the ASPP sees 4x4 features, where rates of 4 or more all reduce to the
+    # centre tap: this case checks the default rates by value (``rates()``), not numerically.
+    "resnet34_os16": dict(encoder="resnet34", output_stride=16, channels=256, rates=None),
+    # Output stride 8 (smp dilates layer3 by 2 and layer4 by 4), narrower decoder, and
+    # rates below the 8x8 ASPP input so that each rate and its branch order show.
+    "resnet18_os8": dict(encoder="resnet18", output_stride=8, channels=32, rates=(2, 3, 5)),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SMP_DEEPLAB_CASES))
+def test_deeplabv3plus_smp_layout_logits_equal_smps_deeplabv3plus(key, tmp_path):
+    case = SMP_DEEPLAB_CASES[key]
     torch.manual_seed(0)
-    encoder = TorchResNet((2, 2, 2, 2), False, 8,
-                          replace_stride_with_dilation=None if smp else (False, False, True),
-                          smp_output_stride=16 if smp else None)
-    reference = randomize(TorchDeepLabV3Plus(encoder, (8, 8, 16, 32, 64), 5, model.rates(),
-                                             smp, aspp=16, low=8))
-    checkpoint = str(tmp_path / "encoder.pth")
-    torch.save(encoder.state_dict(), checkpoint)
+    rates = {} if case["rates"] is None else dict(decoder_atrous_rates=case["rates"])
+    reference = randomize(DeepLabV3Plus(
+        case["encoder"], encoder_weights=None, encoder_output_stride=case["output_stride"],
+        decoder_channels=case["channels"], classes=5, **rates))
+    perturb_head_bias(reference.segmentation_head[0])
+    model = create_model("deeplabv3plus", num_classes=5, encoder=case["encoder"], layout="smp",
+                         output_stride=case["output_stride"], aspp_channels=case["channels"],
+                         decoder_channels=case["channels"], low_level_channels=48,
+                         atrous_rates=case["rates"])
+    # Each atrous branch: [SeparableConv2d[depthwise, pointwise], BatchNorm2d, ReLU].
+    smp_rates = tuple(branch[0][0].dilation[0] for branch in reference.decoder.aspp[0].convs[1:4])
+    assert model.rates() == smp_rates
+    checkpoint = save_encoder(reference, str(tmp_path / "encoder.pth"), prefix="encoder.")
 
-    images = np.random.default_rng(0).normal(size=(2, 3, 64, 48)).astype(np.float32)
+    images = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
     nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
     variables, _ = load_pretrained(random_variables(model, nhwc), checkpoint)
     variables = jax.tree.map(np.asarray, variables)
-    aspp = tnn.Sequential(*reference.branches, reference.pooling, reference.project)
-    copy_into(variables, "aspp", aspp)
-    for scope in ("aspp_conv", "low_level", "head"):
-        if getattr(reference, scope) is not None:
-            copy_into(variables, scope, getattr(reference, scope))
-    for index, block in enumerate(reference.decoder):
-        copy_into(variables, f"decoder_{index}", block)
+    assert count_parameters(variables["params"]) == torch_parameter_count(reference)
+    decoder = reference.decoder
+    copy_into(variables, "aspp", decoder.aspp[0])
+    copy_into(variables, "aspp_conv", tnn.Sequential(decoder.aspp[1], decoder.aspp[2]))
+    copy_into(variables, "low_level", decoder.block1)
+    copy_into(variables, "decoder_0", decoder.block2)
+    copy_into(variables, "head", reference.segmentation_head[0])
     with torch.no_grad():
         expected = to_nhwc(reference(torch.from_numpy(images)))
     difference = assert_close(jax.jit(model.apply)(variables, nhwc), expected)
-    print(f"deeplabv3plus {layout}: max abs difference {difference}, max abs logit "
+    print(f"deeplabv3plus smp {key}: max abs difference {difference}, max abs logit "
+          f"{np.max(np.abs(expected)):.3f}")
+
+
+def test_deeplabv3plus_standard_layout_logits_equal_a_transcription_of_the_papers_decoder(
+        tmp_path):
+    # Rates below the 4x3 ASPP input, so that each one shows in the logits.
+    model = create_model("deeplabv3plus", num_classes=5, encoder="resnet50", layout="standard",
+                         atrous_rates=(1, 2, 3), aspp_channels=16, low_level_channels=8,
+                         decoder_channels=16)
+    torch.manual_seed(0)
+    encoder = torchvision_resnet.resnet50(replace_stride_with_dilation=[False, False, True])
+    reference = randomize(TorchPaperDeepLabV3Plus(encoder, 256, 2048, 5, model.rates(),
+                                                  aspp=16, low=8))
+    checkpoint = save_encoder(encoder, str(tmp_path / "encoder.pth"))
+
+    images = np.random.default_rng(0).normal(size=(1, 3, 64, 48)).astype(np.float32)
+    nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
+    variables, _ = load_pretrained(random_variables(model, nhwc), checkpoint)
+    variables = jax.tree.map(np.asarray, variables)
+    copy_into(variables, "aspp", tnn.Sequential(*reference.branches, reference.pooling,
+                                                reference.project))
+    copy_into(variables, "low_level", reference.low_level)
+    for index, block in enumerate(reference.decoder):
+        copy_into(variables, f"decoder_{index}", block)
+    copy_into(variables, "head", reference.head)
+    with torch.no_grad():
+        expected = to_nhwc(reference(torch.from_numpy(images)))
+    difference = assert_close(jax.jit(model.apply)(variables, nhwc), expected)
+    print(f"deeplabv3plus standard: max abs difference {difference}, max abs logit "
+          f"{np.max(np.abs(expected)):.3f}")
+
+
+# ---------------------------------------------------------------------------------------
+# UNet++.
+# ---------------------------------------------------------------------------------------
+
+
+def smp_unetplusplus_scopes(depth=4):
+    """smp's decoder block ``x_{d}_{l}`` (``d``: nesting depth, ``l``: decoder layer from the
+    deepest) is lcseg's node ``x_{level}_{column}`` with level ``depth - 1 - l`` and column
+    ``l - d + 1``; smp's last block ``x_0_{depth}`` is lcseg's ``x_full``."""
+    scopes = {f"x_0_{depth}": "x_full"}
+    for layer in range(depth):
+        for nesting in range(layer + 1):
+            scopes[f"x_{nesting}_{layer}"] = f"x_{depth - 1 - layer}_{layer - nesting + 1}"
+    return scopes
+
+
+UNETPP_CASES = {
+    # smp's defaults: resnet34, decoder channels 256, 128, 64, 32, 16.
+    "resnet34": dict(encoder="resnet34", decoder_channels=(256, 128, 64, 32, 16)),
+    "resnet50_narrow": dict(encoder="resnet50", decoder_channels=(32, 24, 16, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("key", sorted(UNETPP_CASES))
+def test_unetplusplus_logits_equal_smps_unetplusplus(key, tmp_path):
+    case = UNETPP_CASES[key]
+    torch.manual_seed(0)
+    reference = randomize(UnetPlusPlus(case["encoder"], encoder_weights=None,
+                                       decoder_channels=case["decoder_channels"], classes=5))
+    perturb_head_bias(reference.segmentation_head[0])
+    model = create_model("unetpp", num_classes=5, encoder=case["encoder"],
+                         decoder_channels=case["decoder_channels"])
+    checkpoint = save_encoder(reference, str(tmp_path / "encoder.pth"), prefix="encoder.")
+
+    images = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
+    nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
+    variables, _ = load_pretrained(random_variables(model, nhwc), checkpoint)
+    variables = jax.tree.map(np.asarray, variables)
+    assert count_parameters(variables["params"]) == torch_parameter_count(reference)
+    scopes = smp_unetplusplus_scopes()
+    assert sorted(scopes) == sorted(reference.decoder.blocks)
+    for name, block in reference.decoder.blocks.items():
+        copy_into(variables, scopes[name], block)
+    copy_into(variables, "head", reference.segmentation_head[0])
+    with torch.no_grad():
+        expected = to_nhwc(reference(torch.from_numpy(images)))
+    difference = assert_close(jax.jit(model.apply)(variables, nhwc), expected)
+    print(f"unet++ {key}: max abs difference {difference}, max abs logit "
           f"{np.max(np.abs(expected)):.3f}")
