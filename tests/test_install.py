@@ -2,7 +2,7 @@
 
 The install goes into a fresh virtual environment in tmp_path that sees this
 environment's packages (so nothing is downloaded: ``--no-deps --no-build-isolation``),
-from a copy of the repository's files (what git would commit), so that pip's build/ and
+from a copy of the repository's sources, so that pip's build/ and
 *.egg-info never land in the working tree and parallel runs do not race on them. The
 commands then run from another directory, where the repository is not importable.
 """
@@ -40,17 +40,20 @@ print(lcseg.__file__, configs.__file__, datasets.__file__, sep="\\n")
 
 
 def _copy_sources(destination: Path) -> Path:
-    """Copies the files git tracks or would track (not ignored) into ``destination``."""
-    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
-        pytest.skip("needs a git checkout to know which files are the sources")
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO_ROOT, capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file():  # Deleted-but-tracked files are listed too.
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
+    """Copies the repository's sources into ``destination``: no build output, no caches.
+
+    Hidden folders (.git, .venv, tool caches) and build/run outputs stay behind; a git
+    checkout is not needed.
+    """
+    skip_anywhere = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skipped = set(skip_anywhere(folder, names))
+        if Path(folder) == REPO_ROOT:
+            skipped |= {n for n in names if n.startswith(".") or n in ("build", "dist", "runs")}
+        return skipped
+
+    shutil.copytree(REPO_ROOT, destination, ignore=ignore, dirs_exist_ok=True)
     return destination
 
 
