@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from configs import default as default_config
 from lcseg import cli, parallel, train
 from lcseg.data import open_split, prepare
 
@@ -69,9 +70,7 @@ def missing_fields(config: ml_collections.ConfigDict,
       prefix: the dotted path of ``config`` (for recursion).
     """
     if defaults is None:
-        from configs import default  # The defaults live with the configs.
-
-        defaults = default.get_config()
+        defaults = default_config.get_config()
     missing = []
     for key, value in defaults.items():
         name = f"{prefix}{key}"

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
+from configs import default as default_config
 from lcseg import checkpoints, parallel, preemption
 from lcseg.class_weights import compute_class_weights
 from lcseg.data import get_metadata, open_split, prepare, train_class_counts
@@ -100,7 +101,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error}): restore it from a copy, "
                              "or start the run in a new workdir.") from error
-    from configs import default  # The defaults live with the configs.
 
     def merge(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
         merged = dict(defaults)
@@ -112,7 +112,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                 merged[key] = value
         return merged
 
-    return ml_collections.ConfigDict(merge(default.get_config().to_dict(), saved))
+    return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), saved))
 
 
 # ---------------------------------------------------------------------------------------

@@ -109,6 +109,19 @@ TORCHVISION_CASES = {
 }
 
 
+def model_with_imported_encoder(model, encoder, path, *, prefix="", height=64, width=64):
+    """A random batch and ``model``'s variables with ``encoder``'s weights imported.
+
+    The weights go through a saved ``.pth`` and lcseg's importer; the other variables are
+    random. Returns the batch as NCHW numpy and NHWC jax, and the variables as numpy.
+    """
+    checkpoint = save_encoder(encoder, path, prefix=prefix)
+    images = np.random.default_rng(0).normal(size=(1, 3, height, width)).astype(np.float32)
+    nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
+    variables, _ = load_pretrained(random_variables(model, nhwc), checkpoint)
+    return images, nhwc, jax.tree.map(np.asarray, variables)
+
+
 def compare_encoder_features(reference_features, checkpoint, tmp_path, images, stage_sizes,
                              bottleneck, output_stride, style):
     converted = str(tmp_path / "converted.npz")
@@ -355,12 +368,8 @@ def test_deeplabv3plus_smp_layout_logits_equal_smps_deeplabv3plus(key, tmp_path)
     # Each atrous branch: [SeparableConv2d[depthwise, pointwise], BatchNorm2d, ReLU].
     smp_rates = tuple(branch[0][0].dilation[0] for branch in reference.decoder.aspp[0].convs[1:4])
     assert model.rates() == smp_rates
-    checkpoint = save_encoder(reference, str(tmp_path / "encoder.pth"), prefix="encoder.")
-
-    images = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
-    nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
-    variables, _ = load_pretrained(random_variables(model, nhwc), checkpoint)
-    variables = jax.tree.map(np.asarray, variables)
+    images, nhwc, variables = model_with_imported_encoder(
+        model, reference, str(tmp_path / "encoder.pth"), prefix="encoder.")
     assert count_parameters(variables["params"]) == torch_parameter_count(reference)
     decoder = reference.decoder
     copy_into(variables, "aspp", decoder.aspp[0])
@@ -385,12 +394,8 @@ def test_deeplabv3plus_standard_layout_logits_equal_a_transcription_of_the_paper
     encoder = torchvision_resnet.resnet50(replace_stride_with_dilation=[False, False, True])
     reference = randomize(TorchPaperDeepLabV3Plus(encoder, 256, 2048, 5, model.rates(),
                                                   aspp=16, low=8))
-    checkpoint = save_encoder(encoder, str(tmp_path / "encoder.pth"))
-
-    images = np.random.default_rng(0).normal(size=(1, 3, 64, 48)).astype(np.float32)
-    nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
-    variables, _ = load_pretrained(random_variables(model, nhwc), checkpoint)
-    variables = jax.tree.map(np.asarray, variables)
+    images, nhwc, variables = model_with_imported_encoder(
+        model, encoder, str(tmp_path / "encoder.pth"), width=48)
     copy_into(variables, "aspp", tnn.Sequential(*reference.branches, reference.pooling,
                                                 reference.project))
     copy_into(variables, "low_level", reference.low_level)
@@ -436,12 +441,8 @@ def test_unetplusplus_logits_equal_smps_unetplusplus(key, tmp_path):
     perturb_head_bias(reference.segmentation_head[0])
     model = create_model("unetpp", num_classes=5, encoder=case["encoder"],
                          decoder_channels=case["decoder_channels"])
-    checkpoint = save_encoder(reference, str(tmp_path / "encoder.pth"), prefix="encoder.")
-
-    images = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
-    nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
-    variables, _ = load_pretrained(random_variables(model, nhwc), checkpoint)
-    variables = jax.tree.map(np.asarray, variables)
+    images, nhwc, variables = model_with_imported_encoder(
+        model, reference, str(tmp_path / "encoder.pth"), prefix="encoder.")
     assert count_parameters(variables["params"]) == torch_parameter_count(reference)
     scopes = smp_unetplusplus_scopes()
     assert sorted(scopes) == sorted(reference.decoder.blocks)
