@@ -8,7 +8,7 @@ without bias + BatchNorm + ReLU, 2x2 stride-2 transposed-convolution up-sampling
 classes, 31,038,023 parameters), class-weighted cross-entropy and Adam (lr 1e-4), float32.
 PyTorch runs ``torch_unet_reference.py`` (from ``--torch_reference``, the shared bench
 folder by default) in a server subprocess with 2 threads; lcseg runs its own training
-step (``lcseg.train.Experiment``: the jitted, donated step training uses) with the fast
+step (``lcseg.experiment.Experiment``: the jitted, donated step training uses) with the fast
 convolutions on (``fast``) and off (``xla``; slow, skipped with ``--skip_slow``).
 
 Workloads (as the reference names them): ``train256`` (batch 4), ``train512`` (batch 2),
@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from lcseg import experiment as experiment_lib  # noqa: E402
-from lcseg import parallel, train  # noqa: E402
+from lcseg import parallel  # noqa: E402
 from lcseg.data import pipeline  # noqa: E402
 from lcseg.ops import fast_apply  # noqa: E402
 
@@ -79,7 +79,8 @@ def build_lcseg_step(*, size: int, batch: int, fast: bool, bf16: bool = False,
     config = benchmark_config(size=size, batch=batch, bf16=bf16)
     if "fast_conv" in config:
         config.fast_conv = "on" if fast else "off"
-    experiment = train.Experiment(config, class_weights=np.asarray(CLASS_WEIGHTS, np.float32))
+    experiment = experiment_lib.Experiment(
+        config, class_weights=np.asarray(CLASS_WEIGHTS, np.float32))
     state = experiment.init_state()
     if fast and "fast_conv" not in config:
         state = state.replace(apply_fn=fast_apply(state.apply_fn))

@@ -121,7 +121,7 @@ def run(workdir: Path) -> list[dict[str, Any]]:
     import tensorflow_datasets as tfds
     from absl import logging
 
-    from lcseg.data import open_split
+    from lcseg.data import open_split, prepare_dataset
 
     tfds.disable_progress_bar()
     logging.set_verbosity(logging.WARNING)
@@ -131,7 +131,8 @@ def run(workdir: Path) -> list[dict[str, Any]]:
         manual_dir, data_dir = workdir / dataset / "download", workdir / "tfds"
         start = time.perf_counter()
         write_download(dataset, manual_dir, FLAGS.small)
-        prepared = open_split(dataset, "train", str(data_dir), manual_dir=str(manual_dir))
+        prepare_dataset(dataset, str(data_dir), str(manual_dir))
+        prepared = open_split(dataset, "train", str(data_dir))
         print(f"{dataset}: {len(prepared)} training examples written and prepared in "
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         # As many examples as the real training split (the loader's shuffle costs more

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py [--size 256 --batch 4] [--fast_conv on|off]
         [--bf16] [--steps 2] [--top 25]
 
-Builds the step exactly as training does (``lcseg.train.Experiment``; the benchmark
+Builds the step exactly as training does (``lcseg.experiment.Experiment``; the benchmark
 configuration of ``benchmarks/cpu_vs_torch.py``: the 31M-parameter U-Net, 7 classes,
 class-weighted cross-entropy, Adam), compiles it, then records ``--steps`` steps with
 ``jax.profiler`` and sums the time of each compiled operation. Every operation is put in

@@ -22,7 +22,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lcseg import parallel, train  # noqa: E402
+from lcseg import parallel  # noqa: E402
+from lcseg.experiment import Experiment  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -51,7 +52,7 @@ def time_steps(step_fn, steps: int, repeats: int) -> float:
 def main(argv):
     del argv
     config = FLAGS.config
-    experiment = train.Experiment(config)
+    experiment = Experiment(config)
     num_classes = experiment.metadata.num_classes
     rng = np.random.default_rng(0)
     state = experiment.init_state()

@@ -44,6 +44,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 0.0  # clip gradients to this global norm; 0: no clipping
     # Split each batch into this many sequential micro-batches, one update per batch.
     config.grad_accum_steps = 1
+    # Parameters to freeze: '/'-joined Flax parameter-path prefixes, matched on whole
+    # path components ('encoder/layer1' freezes encoder/layer1/..., not encoder/layer10),
+    # e.g. ('encoder',) for a whole backbone, or for swin_fpn's patch embedding, first
+    # stage and first patch merging ('encoder/features_0_0', 'encoder/features_0_2',
+    # 'encoder/features_1_0', 'encoder/features_1_1', 'encoder/features_2'). A prefix that
+    # matches nothing is an error that lists the names there are. Frozen parameters get
+    # no gradient, no update, no weight decay and no optimiser state, and do not count in
+    # gradient clipping's global norm (nor in the logged grad_norm); with EMA their
+    # average stays equal to them. BatchNorm running statistics of frozen modules still
+    # update in training (as with PyTorch's requires_grad=False). The optimiser state
+    # depends on this field: a run resumes only with the config.frozen it was saved with.
+    config.frozen = ()
+    # Train on this many labelled pixels per image, drawn at random each step, instead of
+    # whole crops (0: whole crops). Stage one of the zoom-out hypercolumn system: only
+    # for models that classify given pixels ('hypercolumn').
+    config.sampled_pixels = 0
     # 'constant', 'step', 'cosine', 'linear' (all with linear warmup) or 'onecycle'.
     config.schedule = "cosine"
     config.warmup_steps = 100

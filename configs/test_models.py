@@ -25,6 +25,13 @@ TINY_MODELS = {
     "deeplabv3plus_smp": dict(name="deeplabv3plus", layout="smp", encoder="resnet18",
                               encoder_width=4, output_stride=8, aspp_channels=8,
                               decoder_channels=8, low_level_channels=4),
+    # A one-block-per-stage SwinV2 with 8-channel patches: windows, shifts, padding and
+    # patch merging all run (a 32 px crop pads every stage to a whole window).
+    "swin_fpn": dict(name="swin_fpn", backbone="swin_v2_t", fpn_channels=8, head_channels=8,
+                     backbone_options=dict(embed_dim=8, depths=(1, 2, 1, 1),
+                                           num_heads=(1, 1, 2, 2), window_size=4)),
+    # VGG16's widths are fixed (14.7M parameters); a small hidden layer keeps the head tiny.
+    "hypercolumn": dict(name="hypercolumn", layers="pool", hidden=8, dropout=0.5),
 }
 
 

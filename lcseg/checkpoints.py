@@ -14,6 +14,7 @@ leaves the previous checkpoints intact.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from lcseg import optim
 from lcseg.tracker import upgrade_tracker
 
 BEST_METRIC = "miou"
@@ -120,6 +122,9 @@ class Checkpointer:
         # without them, then fill them in.
         saved = ocp.StandardCheckpointer().metadata(
             os.path.join(self.directory, str(step), "state")).item_metadata.tree
+        if isinstance(saved, dict) and "opt_state" in saved and hasattr(abstract, "opt_state"):
+            # A clear error when config.frozen (or the optimiser) changed since the save.
+            optim.check_saved_optimizer_state(saved["opt_state"], abstract.opt_state)
         tracker = getattr(abstract, "tracker", None)
         missing = ([key for key in tracker if key not in saved.get("tracker", {})]
                    if isinstance(tracker, dict) and isinstance(saved, dict) else [])
@@ -145,3 +150,19 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def parameter_counts(directory: str, step: int) -> tuple[int, int]:
+    """Trainable and total (+ BatchNorm statistics) parameters of a saved train state.
+
+    Reads only the checkpoint's metadata (shapes), not the arrays.
+    """
+    path = os.path.join(directory, str(step), "state")
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+
+    def count(subtree: Any) -> int:
+        leaves = [leaf for leaf in jax.tree.leaves(subtree) if hasattr(leaf, "shape")]
+        return int(sum(math.prod(leaf.shape) for leaf in leaves))
+
+    trainable = count(tree["params"])
+    return trainable, trainable + count(tree.get("batch_stats") or {})

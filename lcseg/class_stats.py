@@ -19,13 +19,20 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 from absl import app, flags
 
 from lcseg.class_weights import CLASS_WEIGHT_SCHEMES, compute_class_weights
-from lcseg.data import DatasetMetadata, get_metadata, open_split, train_class_counts
+from lcseg.data import (
+    DatasetMetadata,
+    count_class_pixels,
+    get_metadata,
+    open_split,
+    prepare_dataset,
+    train_class_counts,
+)
+from lcseg.visualize import offscreen_figure
 
 FLAGS = flags.FLAGS
 
@@ -44,53 +51,6 @@ def _define_flags() -> None:
     flags.DEFINE_float("beta", 0.999, "beta of the 'effective_number' scheme.")
     flags.DEFINE_bool("recount", False,
                       "Count the train split even though preparation recorded its counts.")
-
-
-def count_class_pixels(
-    source: Sequence[Mapping[str, Any]],
-    num_classes: int,
-    ignore_label: int,
-    *,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, int]:
-    """Counts label pixels per class over a split, one example at a time.
-
-    Args:
-      source: random-access examples, each with a ``'label'`` array of class indices.
-      num_classes: C; labels ``0..C-1`` are counted per class.
-      ignore_label: label counted separately, as ignored.
-      progress: called as ``progress(done, total)`` after each example.
-
-    Returns:
-      ``(counts, ignored)``: int64 ``[C]`` per-class pixel counts and the ignored pixel count.
-
-    Raises:
-      ValueError: a label that is neither a class nor the ignore label (a corrupt
-        preparation; silently dropping it would misstate the statistics).
-    """
-    counts = np.zeros(num_classes, np.int64)
-    ignored = 0
-    total = len(source)
-    # Index rather than iterate: sequences backed by data sources signal their end by
-    # length, not necessarily by IndexError.
-    for index in range(total):
-        example = source[index]
-        label = np.asarray(example["label"]).ravel()
-        if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError(f"example {example.get('id', index)!r}: labels outside 0..255")
-        # uint8-range bincount: cheap, and it also shows stray values, not just classes.
-        histogram = np.bincount(label.astype(np.int64), minlength=256)
-        stray = np.flatnonzero(histogram)
-        stray = stray[(stray >= num_classes) & (stray != ignore_label)]
-        if stray.size:
-            raise ValueError(
-                f"example {example.get('id', index)!r} has label values {stray.tolist()}, "
-                f"neither a class (0..{num_classes - 1}) nor the ignore label {ignore_label}")
-        counts += histogram[:num_classes]
-        ignored += int(histogram[ignore_label])
-        if progress is not None:
-            progress(index + 1, total)
-    return counts, ignored
 
 
 def scheme_weights(counts: np.ndarray, *, beta: float = 0.999) -> dict[str, np.ndarray]:
@@ -148,17 +108,12 @@ def format_report(
 def plot_class_stats(path: str, metadata: DatasetMetadata, counts: np.ndarray,
                      weights: Mapping[str, np.ndarray], *, title: str = "") -> None:
     """Saves the bar chart: log-scale frequency per class, then weights per scheme."""
-    # Off-screen rendering without pyplot: no global backend switch, no figure registry.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     counts = np.asarray(counts, np.int64)
     labelled = counts.sum()
     frequency = counts / labelled if labelled else np.zeros(len(counts))
     x = np.arange(metadata.num_classes)
     names = list(metadata.class_names)
-    figure = Figure(figsize=(max(8.0, 1.3 * metadata.num_classes + 3.0), 8.0), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = offscreen_figure((max(8.0, 1.3 * metadata.num_classes + 3.0), 8.0))
     top, bottom = figure.subplots(2, 1)
 
     colours = np.asarray(metadata.palette, np.float64) / 255.0
@@ -209,7 +164,8 @@ def run(dataset: str, split: str = "train", data_dir: str | None = None, *,
     """Counts, prints the report, writes the chart; returns the report text."""
     metadata = get_metadata(dataset)
     # open_split raises clear errors for unknown datasets and splits; let them through.
-    source = open_split(dataset, split, data_dir, manual_dir=manual_dir)
+    prepare_dataset(dataset, data_dir, manual_dir)
+    source = open_split(dataset, split, data_dir)
     notes = []
     recorded = None
     if split == "train":

@@ -30,7 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
+
+from lcseg.data.class_counts import split_class_counts
 
 CLASS_WEIGHT_SCHEMES: tuple[str, ...] = (
     "none",
@@ -52,19 +55,19 @@ def compute_class_weights(
     """Computes per-class loss weights.
 
     Args:
-        scheme: one of :data:`CLASS_WEIGHT_SCHEMES` or an explicit sequence of C weights.
-        counts: length-C per-class training pixel counts (non-negative, may contain zeros, at
-            least one positive).
-        beta: ``'effective_number'`` hyper-parameter in ``[0, 1)``.
-        normalize: rescale so that ``sum_c f_c w_c = 1`` (see module docstring).
+      scheme: one of :data:`CLASS_WEIGHT_SCHEMES` or an explicit sequence of C weights.
+      counts: length-C per-class training pixel counts (non-negative, may contain zeros, at
+        least one positive).
+      beta: ``'effective_number'`` hyper-parameter in ``[0, 1)``.
+      normalize: rescale so that ``sum_c f_c w_c = 1`` (see module docstring).
 
     Returns:
-        Float32 array of shape ``[C]``, finite and non-negative.
+      Float32 array of shape ``[C]``, finite and non-negative.
 
     Raises:
-        ValueError: unknown scheme, malformed or negative counts, explicit weights of the
-            wrong length / negative / non-finite, ``beta`` outside ``[0, 1)``, or weights that
-            are zero on every class with pixels (cannot be normalised).
+      ValueError: unknown scheme, malformed or negative counts, explicit weights of the
+        wrong length / negative / non-finite, ``beta`` outside ``[0, 1)``, or weights that
+        are zero on every class with pixels (cannot be normalised).
     """
     n = np.asarray(counts, dtype=np.float64)
     if n.ndim != 1 or n.size == 0:
@@ -122,3 +125,17 @@ def _scheme_weights(
             raise ValueError(f"effective_number needs 0 <= beta < 1, got {beta}")
         raw = (1.0 - beta) / (1.0 - beta ** np.where(present, n, 1.0))
     return np.where(present, raw, 0.0)
+
+
+def resolve_class_weights(config: ml_collections.ConfigDict) -> np.ndarray | None:
+    """Class weights from the config's scheme and the training split's class counts.
+
+    The counts recorded at preparation describe the dataset's "train" split; training on
+    another split (e.g. LoveDA's ``train_rural``) counts that split's pixels instead.
+    """
+    scheme = config.class_weights
+    if isinstance(scheme, str) and scheme == "none":
+        return None
+    dataset = config.dataset
+    counts = split_class_counts(dataset.name, dataset.train_split, dataset.data_dir)
+    return compute_class_weights(scheme if isinstance(scheme, str) else list(scheme), counts)

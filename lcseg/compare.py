@@ -28,6 +28,10 @@ still printed. ``--output DIR`` also writes ``comparison.md``, and per dataset
 ``comparison-<dataset>.csv`` and ``comparison-<dataset>.png`` (mIoU against train
 images/s, one labelled point per run, the Pareto front marked: the runs that no other run
 beats on both speed and accuracy).
+
+Why one module of ~600 lines: every function serves the one table (reading a run's
+files into its row, then rendering the rows); half the lines are the documented parsing
+of what training wrote, which changes with training, not with the rest of lcseg.
 """
 
 from __future__ import annotations
@@ -42,16 +46,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from absl import app, flags, logging
 
-from lcseg import checkpoints, train
+from lcseg import checkpoints
+from lcseg import evaluate as evaluate_lib
 from lcseg.data import DATASETS, get_metadata
+from lcseg.visualize import offscreen_figure
+from lcseg.workdir import CONFIG_FILE, SUMMARY_FILE, checkpoint_dir, load_config
 
 FLAGS = flags.FLAGS
 
 STEP_SECONDS_TAG = "timing/step_seconds"
-SUMMARY_FILE = "summary.txt"
 MISSING = "n/a"
 
 
@@ -180,32 +185,6 @@ def read_summary(workdir: str) -> dict[str, Any]:
     return found
 
 
-def checkpoint_parameter_counts(workdir: str, step: int) -> tuple[int, int]:
-    """Trainable and total (+ BatchNorm statistics) parameters of a checkpoint.
-
-    Reads only the checkpoint's metadata (shapes), not the arrays.
-    """
-    import orbax.checkpoint as ocp  # Only needed here.
-
-    path = os.path.join(workdir, train.CHECKPOINT_DIR, str(step), "state")
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
-
-    def count(subtree: Any) -> int:
-        leaves = [leaf for leaf in _leaves(subtree) if hasattr(leaf, "shape")]
-        return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in leaves))
-
-    trainable = count(tree["params"])
-    return trainable, trainable + count(tree.get("batch_stats") or {})
-
-
-def _leaves(tree: Any) -> list[Any]:
-    if isinstance(tree, dict):
-        return [leaf for value in tree.values() for leaf in _leaves(value)]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for value in tree for leaf in _leaves(value)]
-    return [] if tree is None else [tree]
-
-
 def read_step_seconds(workdir: str) -> float | None:
     """Mean training-step time over the run, from the TensorBoard ``timing/step_seconds``.
 
@@ -286,13 +265,13 @@ def read_run(workdir: str, *, split: str = "validation", checkpoint: str = "best
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if not os.path.isdir(workdir) or not os.path.exists(
-            os.path.join(workdir, train.CONFIG_FILE)):
+            os.path.join(workdir, CONFIG_FILE)):
         what = "does not exist" if not os.path.isdir(workdir) else "has no config.json"
         raise NotAWorkdirError(
             f"{workdir} {what}: it is not a training workdir; pass folders given to "
             "`python main.py --workdir`.")
     try:
-        config = train.load_config(workdir)
+        config = load_config(workdir)
     except ValueError as error:  # json.JSONDecodeError included
         raise RunError(f"{workdir}: config.json is unreadable ({error}); it is not a "
                        "complete training workdir.") from None
@@ -324,7 +303,7 @@ def read_run(workdir: str, *, split: str = "validation", checkpoint: str = "best
                             "step?): model figures shown as n/a.")
 
     # --- Checkpoint and scores ---------------------------------------------------------
-    directory = os.path.join(workdir, train.CHECKPOINT_DIR)
+    directory = checkpoint_dir(workdir)
     try:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"No checkpoint in {directory}")
@@ -338,14 +317,14 @@ def read_run(workdir: str, *, split: str = "validation", checkpoint: str = "best
         return run
     try:
         # The checkpoint's shapes are the parameters the scores belong to.
-        run.params_trainable, run.params_total = checkpoint_parameter_counts(workdir, run.step)
+        run.params_trainable, run.params_total = checkpoints.parameter_counts(
+            checkpoint_dir(workdir), run.step)
     except (FileNotFoundError, KeyError, ValueError) as error:
         run.problems.append(f"{workdir}: cannot read the parameter shapes of checkpoint "
                             f"{run.step} ({error}); showing summary.txt's count.")
 
     path = os.path.join(workdir, "eval", f"{split}-{run.step}.json")
     if not os.path.exists(path) and evaluate:
-        from lcseg import evaluate as evaluate_lib  # Heavy: only when asked to evaluate.
 
         try:
             _, path = evaluate_lib.evaluate_checkpoint(workdir, split, run.step)
@@ -532,11 +511,7 @@ def comparison_figure(runs: Sequence[Run], *, title: str) -> Any:
     Returns:
       A matplotlib ``Figure`` on an Agg canvas (no display, no global pyplot state).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 5), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = offscreen_figure((7, 5))
     axes = figure.add_subplot()
     scored = [r for r in runs if r.images_per_s is not None and r.miou is not None]
     front = pareto_front(runs)

@@ -24,10 +24,19 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
-from lcseg import checkpoints, cli, parallel, train
-from lcseg.data import get_metadata, open_split
-from lcseg.metrics import confusion_matrix, scores_from_confusion, write_scores_json
+from lcseg import cli, parallel
+from lcseg.data import get_metadata, open_split, prepare_dataset
+from lcseg.experiment import Experiment, TrainState
+from lcseg.metrics import (
+    confusion_matrix,
+    format_scores_table,
+    scores_from_confusion,
+    write_scores_json,
+)
+from lcseg.predict import Predictor, predict_scene
+from lcseg.workdir import load_config, restore_run
 
 FLAGS = flags.FLAGS
 
@@ -44,27 +53,24 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["workdir"])
 
 
-def evaluate_full_scenes(experiment: train.Experiment, state: train.TrainState,
+def evaluate_full_scenes(experiment: Experiment, state: TrainState,
                          source) -> dict[str, Any]:
     """Scores of whole-scene predictions (``lcseg.predict.predict_scene``) over a split.
 
     Each process predicts its share of the examples on its own devices; the confusion
     matrices are summed over processes.
     """
-    from lcseg import predict  # Imported here: only this path needs it.
-
     if len(source) == 0:
         raise ValueError("The evaluation split is empty.")
     num_classes = experiment.metadata.num_classes
-    predictor = predict.Predictor.from_experiment(experiment, state)
+    predictor = Predictor.from_experiment(experiment, state)
     matrix = np.zeros((num_classes, num_classes), np.int64)
     for index in range(jax.process_index(), len(source), jax.process_count()):
         example = source[index]
-        classes, _ = predict.predict_scene(predictor, example["image"])
+        classes, _ = predict_scene(predictor, example["image"])
         matrix += np.asarray(confusion_matrix(example["label"], classes,
                                               num_classes=num_classes))
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         matrix = np.asarray(multihost_utils.process_allgather(matrix)).sum(axis=0)
     return {"confusion_matrix": matrix, **scores_from_confusion(matrix)}
 
@@ -79,19 +85,16 @@ def evaluate_checkpoint(workdir: str, split: str, checkpoint: str | int = "best"
     Returns:
       The scores and the path of the JSON report.
     """
-    config = train.load_config(workdir)
+    config = load_config(workdir)
     if data_dir:
         config.dataset.data_dir = data_dir
-    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, train.CHECKPOINT_DIR),
-                                            read_only=True)
-    step = checkpointer.resolve_step(checkpoint)
     # Opened before the model is built and restored: a wrong --split fails in a second.
-    source = open_split(config.dataset.name, split, config.dataset.data_dir,
-                        manual_dir=config.dataset.manual_dir)
+    dataset = config.dataset
+    prepare_dataset(dataset.name, dataset.data_dir, dataset.manual_dir)
+    source = open_split(dataset.name, split, dataset.data_dir)
     # Full scenes: each process predicts its own examples on its own devices.
-    experiment = train.Experiment(
-        config, mesh=parallel.make_mesh(jax.local_devices()) if full_scene else None)
-    state = checkpointer.restore(step, experiment.abstract_state())
+    experiment, state, step = restore_run(workdir, checkpoint, config=config,
+                                          local_devices=full_scene)
     logging.info("Evaluating step %d on %s (%d examples%s)", step, split, len(source),
                  ", whole scenes" if full_scene else "")
     if full_scene:
@@ -114,8 +117,8 @@ def main(argv):
     with cli.exit_on_bad_input("lcseg.evaluate"):
         scores, path = evaluate_checkpoint(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint,
                                            FLAGS.data_dir, full_scene=FLAGS.full_scene)
-    config = train.load_config(FLAGS.workdir)
-    print(train.format_scores_table(scores, get_metadata(config.dataset.name)))
+    config = load_config(FLAGS.workdir)
+    print(format_scores_table(scores, get_metadata(config.dataset.name)))
     print(f"Wrote {path}")
 
 

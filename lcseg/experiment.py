@@ -13,9 +13,11 @@ only JAX.
 
 # No `from __future__ import annotations`: clu's Collection reads real annotations.
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -123,7 +125,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, mesh) -> Trai
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callable,
                schedule: optax.Schedule, mean: tuple, std: tuple, dtype: jnp.dtype,
                grad_accum_steps: int = 1, ema_decay: float = 0.0,
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               frozen: tuple[str, ...] = (), sampled_pixels: int = 0,
+               ignore_label: int = 255) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a (global, sharded) batch; returns the new state and metrics.
 
     With ``grad_accum_steps`` k > 1 the batch is processed as k sequential micro-batches
@@ -131,18 +134,37 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Calla
     same update as the whole batch when every micro-batch counts the same number of
     pixels, except that BatchNorm normalises each micro-batch by its own statistics (as
     gradient accumulation in PyTorch does).
+
+    ``frozen`` (``config.frozen``) names parameters that get no gradient (not computed)
+    and no update (the optimiser, ``optim.build_optimizer``, must be built with the same
+    prefixes); ``grad_norm`` is then that of the trainable parameters' gradients.
+
+    ``sampled_pixels`` k > 0 (``config.sampled_pixels``; stage one of the hypercolumn
+    system) trains on k labelled pixels per image, drawn uniformly without replacement
+    (``sample_labelled_pixels``): the model is called with ``pixels=`` and the loss sees
+    those pixels' logits and labels only (class weights and the ignore label apply as
+    for whole images).
     """
     images = pipeline.normalize_images(batch["image"], mean, std, dtype)
     labels = batch["label"].astype(jnp.int32)
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    dropout_rng, sample_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
 
     def micro_step(batch_stats, micro_batch):
         micro_images, micro_labels = micro_batch
+        options = {}
+        if sampled_pixels:
+            pixels, micro_labels = sample_labelled_pixels(sample_rng, micro_labels,
+                                                          sampled_pixels, ignore_label)
+            # [n, k] pixels as an [n, k, 1] "image" for the loss.
+            options, micro_labels = {"pixels": pixels}, micro_labels[:, :, None]
 
         def objective(params):
+            params = optim.stop_frozen_gradients(params, frozen)
             logits, updates = state.apply_fn(
                 {"params": params, "batch_stats": batch_stats}, micro_images, train=True,
-                mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+                mutable=["batch_stats"], rngs={"dropout": dropout_rng}, **options)
+            if sampled_pixels:
+                logits = logits[:, :, None, :]
             total, components = loss_fn(logits.astype(jnp.float32), micro_labels)
             return total, (components, updates["batch_stats"])
 
@@ -168,12 +190,41 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Calla
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     if ema_decay > 0:
         state = state.replace(ema_params=jax.tree.map(
-            lambda ema, new: ema_decay * ema + (1 - ema_decay) * new,
+            # ema + (1 - d)(new - ema), not d ema + (1 - d) new: equal in exact arithmetic,
+            # but this keeps an unchanged (frozen) parameter's average bit-identical.
+            lambda ema, new: ema + (1 - ema_decay) * (new - ema),
             state.ema_params, state.params))
     metrics = {"loss": loss_values.pop("loss"), "grad_norm": optax.global_norm(grads),
                "learning_rate": learning_rate,
                **{f"loss/{name}": value for name, value in loss_values.items()}}
     return state, metrics
+
+
+def sample_labelled_pixels(rng: jax.Array, labels: jax.Array, k: int, ignore_label: int
+                           ) -> tuple[jax.Array, jax.Array]:
+    """``k`` distinct labelled pixels per image, uniformly at random, and their labels.
+
+    Gumbel top-k over the labelled pixels: a uniform sample without replacement, in one
+    fixed-shape computation. An image with fewer than ``k`` labelled pixels fills its
+    sample with unlabelled ones, whose label is ``ignore_label`` (so the loss skips them).
+
+    Args:
+      rng: a PRNG key.
+      labels: int ``[N, H, W]``.
+      k: pixels per image.
+      ignore_label: the label that marks unlabelled pixels.
+
+    Returns:
+      ``(pixels, labels)``: int32 ``[N, k, 2]`` (row, column) and int32 ``[N, k]``.
+    """
+    n, height, width = labels.shape
+    flat = labels.reshape(n, height * width)
+    labelled = flat != ignore_label
+    scores = jnp.where(labelled, jax.random.gumbel(rng, flat.shape), -jnp.inf)
+    _, index = jax.lax.top_k(scores, k)
+    picked = jnp.take_along_axis(flat, index, axis=1)
+    pixels = jnp.stack([index // width, index % width], axis=-1).astype(jnp.int32)
+    return pixels, picked.astype(jnp.int32)
 
 
 def inference_variables(state: TrainState) -> dict[str, Any]:
@@ -191,7 +242,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, loss_fn: Callab
       ``(metrics, tiles)``: the batch's ``EvalMetrics``, and, when the batch carries an
       ``image_index`` (int ``[B]``, which image each tile is from, -1 for padding),
       ``tiles = {'image_index': [B], 'confusion': int32 [B, C, C]}`` for per-image
-      scores (``evaluate``); otherwise ``{}``.
+      scores (``evaluate_batches``); otherwise ``{}``.
     """
     images = pipeline.normalize_images(batch["image"], mean, std, dtype)
     labels = batch["label"].astype(jnp.int32)
@@ -224,8 +275,9 @@ def predict_step(state: TrainState, images: jax.Array, *, mean: tuple, std: tupl
 # ---------------------------------------------------------------------------------------
 
 
-def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]],
-             *, mesh, empty_batch: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
+def evaluate_batches(eval_fn: Callable, state: TrainState,
+                     batches: Iterable[dict[str, np.ndarray]], *, mesh,
+                     empty_batch: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
     """Runs ``eval_fn`` over all batches (all processes in step) and returns the scores.
 
     Processes may hold different numbers of batches; one that runs out feeds all-ignored
@@ -267,6 +319,11 @@ def evaluate(eval_fn: Callable, state: TrainState, batches: Iterable[dict[str, n
 # ---------------------------------------------------------------------------------------
 
 
+def _takes_pixels(model: nn.Module) -> bool:
+    """Whether the model can classify sampled pixels (``__call__(..., pixels=...)``)."""
+    return "pixels" in inspect.signature(type(model).__call__).parameters
+
+
 class Experiment:
     """Model, loss and compiled steps of a config, on the current devices."""
 
@@ -278,6 +335,10 @@ class Experiment:
         self.metadata = get_metadata(config.dataset.name)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.model = build_model(config, self.metadata.num_classes)
+        if config.sampled_pixels and not _takes_pixels(self.model):
+            raise ValueError(f"config.sampled_pixels={config.sampled_pixels} needs a model "
+                             f"that classifies given pixels ('hypercolumn'); "
+                             f"{config.model.name!r} does not. Set it to 0.")
         self.loss_fn = losses.make_loss_fn(
             config.loss, num_classes=self.metadata.num_classes,
             ignore_label=self.metadata.ignore_label, class_weights=class_weights)
@@ -289,7 +350,10 @@ class Experiment:
         self.train_step = jax.jit(
             functools.partial(train_step, loss_fn=self.loss_fn, schedule=self.schedule,
                               grad_accum_steps=config.grad_accum_steps,
-                              ema_decay=config.ema_decay, **normalisation),
+                              ema_decay=config.ema_decay,
+                              frozen=optim.frozen_prefixes(config),
+                              sampled_pixels=config.sampled_pixels,
+                              ignore_label=self.metadata.ignore_label, **normalisation),
             in_shardings=(replicated, batch), out_shardings=(replicated, replicated),
             donate_argnums=0)
         self.eval_step = jax.jit(
@@ -334,7 +398,7 @@ class Experiment:
                 source, batch_size=config.eval_batch_size, tile_size=config.eval_tile_size,
                 ignore_label=ignore, downscale=config.data.downscale,
                 loader=pipeline.LoaderOptions.from_config(config.data))
-        return evaluate(
+        return evaluate_batches(
             self.eval_step, state, self._eval_loaders[id(source)](),
             mesh=self.mesh, num_classes=self.metadata.num_classes,
             empty_batch=pipeline.empty_batch(config.eval_batch_size, config.eval_tile_size,

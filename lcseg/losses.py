@@ -15,6 +15,10 @@ sums are pixel counts of a whole batch, so ``smooth`` only has to make empty cla
 not regularise; a class whose denominator is exactly 0 (possible with ``smooth=0``) scores 1.
 
 Use :func:`make_loss_fn` to build a weighted combination from a config mapping.
+
+Why one module of ~590 lines: the ten losses share one set of conventions (ignored
+pixels, class weights, empty classes, float32) implemented once in the helpers at the
+top; side by side, each loss is a few lines over them and the menu reads as one table.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ DEFAULT_SMOOTH = 1e-6
 # ----------------------------------------------------------------------------------------------
 
 
-def _flatten(logits: Array, labels: Array, ignore_label: int) -> tuple[Array, Array, Array]:
+def _pixels_of(logits: Array, labels: Array, ignore_label: int) -> tuple[Array, Array, Array]:
     """Returns ``(log_probs [P, C] f32, one_hot [P, C] f32, valid [P] bool)``, P = N*H*W.
 
     ``one_hot`` is all-zero on ignored pixels, so sums over it only see counted pixels.
@@ -98,7 +102,7 @@ def _probs_and_targets(
     Both are zero on ignored pixels. ``targets`` is the one-hot label, smoothed towards
     uniform by ``label_smoothing``; ``present`` says which classes have a counted pixel.
     """
-    log_probs, one_hot, valid = _flatten(logits, labels, ignore_label)
+    log_probs, one_hot, valid = _pixels_of(logits, labels, ignore_label)
     probs = jnp.where(valid[:, None], jnp.exp(log_probs), 0.0)
     num_classes = one_hot.shape[-1]
     eps = label_smoothing
@@ -167,16 +171,16 @@ def cross_entropy(
     without counted pixels (or with zero total weight) gives 0.
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        class_weights: None or a length-C array of per-class weights.
-        ignore_label: label id excluded from the loss.
-        label_smoothing: ``eps`` in ``[0, 1]``.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      class_weights: None or a length-C array of per-class weights.
+      ignore_label: label id excluded from the loss.
+      label_smoothing: ``eps`` in ``[0, 1]``.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
-    log_probs, one_hot, valid = _flatten(logits, labels, ignore_label)
+    log_probs, one_hot, valid = _pixels_of(logits, labels, ignore_label)
     num_classes = one_hot.shape[-1]
     weights = _weight_vector(class_weights, num_classes)
     pixel_weight = one_hot @ weights  # w[y], 0 on ignored pixels
@@ -202,16 +206,16 @@ def focal(
     ``gamma = 0`` reproduces the (unsmoothed) cross-entropy.
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        gamma: focusing exponent ``>= 0``.
-        class_weights: None or a length-C array of per-class weights (the alpha_t of the paper).
-        ignore_label: label id excluded from the loss.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      gamma: focusing exponent ``>= 0``.
+      class_weights: None or a length-C array of per-class weights (the alpha_t of the paper).
+      ignore_label: label id excluded from the loss.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
-    log_probs, one_hot, _ = _flatten(logits, labels, ignore_label)
+    log_probs, one_hot, _ = _pixels_of(logits, labels, ignore_label)
     pixel_weight = one_hot @ _weight_vector(class_weights, one_hot.shape[-1])
     log_p_y = jnp.sum(one_hot * log_probs, axis=-1)  # 0 on ignored pixels
     modulator = _safe_pow(-jnp.expm1(log_p_y), gamma)  # (1 - p_y) ** gamma, accurate near p=1
@@ -240,17 +244,17 @@ def dice(
     the loss is ``1 - sum_c w_c Dice_c / sum_c w_c``.
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        smooth: additive smoothing of numerator and denominator.
-        class_weights: None (uniform) or a length-C array weighting the class mean.
-        ignore_label: label id excluded from the loss.
-        skip_absent_classes: drop classes without a counted ground-truth pixel from the mean
-            (the loss is 0 when none remains). Otherwise an absent class scores ~0 unless no
-            probability mass is put on it, i.e. it penalises false positives.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      smooth: additive smoothing of numerator and denominator.
+      class_weights: None (uniform) or a length-C array weighting the class mean.
+      ignore_label: label id excluded from the loss.
+      skip_absent_classes: drop classes without a counted ground-truth pixel from the mean
+        (the loss is 0 when none remains). Otherwise an absent class scores ~0 unless no
+        probability mass is put on it, i.e. it penalises false positives.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
     tp, fp, fn, present = _overlap_stats(logits, labels, ignore_label)
     # sum p + sum g = 2 tp + fp + fn.
@@ -273,15 +277,15 @@ def jaccard(
     :func:`dice`; the loss is ``1 - sum_c w_c Jaccard_c / sum_c w_c``.
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        smooth: additive smoothing of numerator and denominator.
-        class_weights: None (uniform) or a length-C array weighting the class mean.
-        ignore_label: label id excluded from the loss.
-        skip_absent_classes: drop classes without a counted ground-truth pixel from the mean.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      smooth: additive smoothing of numerator and denominator.
+      class_weights: None (uniform) or a length-C array weighting the class mean.
+      ignore_label: label id excluded from the loss.
+      skip_absent_classes: drop classes without a counted ground-truth pixel from the mean.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
     tp, fp, fn, present = _overlap_stats(logits, labels, ignore_label)
     score = _tversky_index(tp, fp, fn, 1.0, 1.0, smooth)  # union = tp + fp + fn
@@ -307,17 +311,17 @@ def tversky(
     is Jaccard (exactly so for ``smooth = 0``).
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        alpha: weight of false positives.
-        beta: weight of false negatives (``beta > alpha`` favours recall).
-        smooth: additive smoothing of numerator and denominator.
-        class_weights: None (uniform) or a length-C array weighting the class mean.
-        ignore_label: label id excluded from the loss.
-        skip_absent_classes: drop classes without a counted ground-truth pixel from the mean.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      alpha: weight of false positives.
+      beta: weight of false negatives (``beta > alpha`` favours recall).
+      smooth: additive smoothing of numerator and denominator.
+      class_weights: None (uniform) or a length-C array weighting the class mean.
+      ignore_label: label id excluded from the loss.
+      skip_absent_classes: drop classes without a counted ground-truth pixel from the mean.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
     tp, fp, fn, present = _overlap_stats(logits, labels, ignore_label)
     score = _tversky_index(tp, fp, fn, alpha, beta, smooth)
@@ -345,18 +349,18 @@ def focal_tversky(
     classes; we take the (weighted) mean so the scale does not grow with ``C``.
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        alpha: weight of false positives.
-        beta: weight of false negatives.
-        gamma: exponent applied to each class's ``1 - TI_c``.
-        smooth: additive smoothing of numerator and denominator.
-        class_weights: None (uniform) or a length-C array weighting the class mean.
-        ignore_label: label id excluded from the loss.
-        skip_absent_classes: drop classes without a counted ground-truth pixel from the mean.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      alpha: weight of false positives.
+      beta: weight of false negatives.
+      gamma: exponent applied to each class's ``1 - TI_c``.
+      smooth: additive smoothing of numerator and denominator.
+      class_weights: None (uniform) or a length-C array weighting the class mean.
+      ignore_label: label id excluded from the loss.
+      skip_absent_classes: drop classes without a counted ground-truth pixel from the mean.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
     tp, fp, fn, present = _overlap_stats(logits, labels, ignore_label)
     per_class = _safe_pow(1.0 - _tversky_index(tp, fp, fn, alpha, beta, smooth), gamma)
@@ -400,20 +404,20 @@ def jdt(
     (reference "PRESENT" mode) also when ``label_smoothing > 0``.
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        alpha: weight of false positives.
-        beta: weight of false negatives.
-        gamma: exponent applied to each class's loss.
-        smooth: additive smoothing of numerator and denominator.
-        label_smoothing: soft labels ``y = (1 - eps) onehot + eps / C`` on counted pixels.
-        class_weights: None (uniform) or a length-C array weighting the class mean.
-        ignore_label: label id excluded from the loss.
-        skip_absent_classes: average only over classes present in the batch (reference
-            default); otherwise over all classes.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      alpha: weight of false positives.
+      beta: weight of false negatives.
+      gamma: exponent applied to each class's loss.
+      smooth: additive smoothing of numerator and denominator.
+      label_smoothing: soft labels ``y = (1 - eps) onehot + eps / C`` on counted pixels.
+      class_weights: None (uniform) or a length-C array weighting the class mean.
+      ignore_label: label id excluded from the loss.
+      skip_absent_classes: average only over classes present in the batch (reference
+        default); otherwise over all classes.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
     tp, fp, fn, present = _overlap_stats(
         logits, labels, ignore_label, label_smoothing=label_smoothing, l1_overlap=True
@@ -449,14 +453,14 @@ def lovasz_softmax(
     the same as removing them.
 
     Args:
-        logits: ``[N, H, W, C]`` logits.
-        labels: ``[N, H, W]`` integer labels.
-        ignore_label: label id excluded from the loss.
-        skip_absent_classes: average only over classes present in the batch.
-        class_weights: None (uniform) or a length-C array weighting the class mean.
+      logits: ``[N, H, W, C]`` logits.
+      labels: ``[N, H, W]`` integer labels.
+      ignore_label: label id excluded from the loss.
+      skip_absent_classes: average only over classes present in the batch.
+      class_weights: None (uniform) or a length-C array weighting the class mean.
 
     Returns:
-        Float32 scalar loss.
+      Float32 scalar loss.
     """
     probs, fg, present = _probs_and_targets(logits, labels, ignore_label)
     errors = jnp.abs(fg - probs)
@@ -521,17 +525,17 @@ def make_loss_fn(
     pure function of arrays and can be ``jax.jit``-ed.
 
     Args:
-        spec: loss name -> weight or options mapping.
-        num_classes: number of classes C (checked against class weights and logits).
-        ignore_label: label id excluded from every loss.
-        class_weights: None or a length-C array of per-class weights.
+      spec: loss name -> weight or options mapping.
+      num_classes: number of classes C (checked against class weights and logits).
+      ignore_label: label id excluded from every loss.
+      class_weights: None or a length-C array of per-class weights.
 
     Returns:
-        The combined loss function.
+      The combined loss function.
 
     Raises:
-        ValueError: for an empty spec, an unknown loss name, an unknown option, a negative or
-            non-numeric weight, or options the loss rejects.
+      ValueError: for an empty spec, an unknown loss name, an unknown option, a negative or
+        non-numeric weight, or options the loss rejects.
     """
     if class_weights is not None:
         class_weights = _as_weight_array(class_weights, num_classes, "make_loss_fn")

@@ -28,8 +28,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import default as default_config
-from lcseg import cli, parallel, train
-from lcseg.data import open_split, prepare
+from lcseg import cli, parallel
+from lcseg.class_weights import resolve_class_weights
+from lcseg.data import open_split, prepare_dataset
+from lcseg.experiment import Experiment
+from lcseg.visualize import offscreen_figure
 
 FLAGS = flags.FLAGS
 
@@ -115,15 +118,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6
     """Runs the range test and writes the plot; returns the sweep and the suggestion."""
     os.makedirs(workdir, exist_ok=True)
     dataset = config.dataset
-    prepare(dataset.name, dataset.data_dir, dataset.manual_dir)
+    prepare_dataset(dataset.name, dataset.data_dir, dataset.manual_dir)
     source = open_split(dataset.name, dataset.train_split, dataset.data_dir)
     ratio = max_lr / min_lr
 
     def sweep(step):
         return min_lr * ratio ** (jnp.asarray(step, jnp.float32) / max(steps - 1, 1))
 
-    experiment = train.Experiment(config, class_weights=train.resolve_class_weights(config),
-                                  schedule=sweep)
+    experiment = Experiment(config, class_weights=resolve_class_weights(config),
+                            schedule=sweep)
     batches = experiment.train_iterator(source)
     state = experiment.init_state()
     learning_rates, losses = [], []
@@ -155,11 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6
 def plot(path: str, learning_rates: np.ndarray, losses: np.ndarray, smoothed: np.ndarray,
          suggestion: float) -> str:
     """Loss against learning rate (log scale) with the suggestion marked; returns path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = offscreen_figure((7, 4.5))
     axes = figure.add_subplot()
     axes.plot(learning_rates, losses, color="0.75", linewidth=1, label="loss")
     axes.plot(learning_rates, smoothed, color="C0", linewidth=2, label="smoothed")

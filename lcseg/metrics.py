@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
+from lcseg.data.metadata import DatasetMetadata
+
 
 def confusion_matrix(labels: jax.Array, predictions: jax.Array, *, num_classes: int,
                      ignore_label: int = 255) -> jax.Array:
@@ -242,3 +244,26 @@ def write_scores_json(path: str, scores: dict[str, Any], class_names: Sequence[s
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
     os.replace(path + ".tmp", path)  # Never a half-written report.
+
+
+def scalar_summaries(scores: dict[str, Any], metadata: DatasetMetadata,
+                     prefix: str) -> dict[str, float]:
+    """Flattens scores to ``{prefix/miou, prefix/iou/<class>, ...}`` for the writer."""
+    summary = {f"{prefix}/{key}": scores[key]
+               for key in ("loss", "miou", "accuracy", "mean_accuracy", "fwiou", "mean_f1")}
+    for key in ("iou", "f1", "precision", "recall"):
+        for name, value in zip(metadata.class_names, scores[key]):
+            summary[f"{prefix}/{key}/{name}"] = float(value)
+    return summary
+
+
+def format_scores_table(scores: dict[str, Any], metadata: DatasetMetadata) -> str:
+    """A per-class table for logs and the terminal."""
+    lines = [f"{'class':<20}{'IoU':>8}{'F1':>8}{'prec.':>8}{'recall':>8}"]
+    for index, name in enumerate(metadata.class_names):
+        lines.append(f"{name:<20}" + "".join(
+            f"{scores[key][index]:>8.4f}" for key in ("iou", "f1", "precision", "recall")))
+    lines.append(f"{'mean':<20}{scores['miou']:>8.4f}{scores['mean_f1']:>8.4f}")
+    lines.append(f"pixel accuracy {scores['accuracy']:.4f}, mean accuracy "
+                 f"{scores['mean_accuracy']:.4f}, frequency-weighted IoU {scores['fwiou']:.4f}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -94,7 +95,6 @@ def all_processes_true(flag: bool) -> bool:
     """Whether ``flag`` holds on every process (a host-level all-gather when multi-host)."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils  # Only needed multi-host.
     return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
@@ -106,6 +106,5 @@ def any_process_true(flag: bool) -> bool:
 def sync(name: str) -> None:
     """A barrier across processes (no-op on one)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 

@@ -12,15 +12,25 @@ the time taken and the size on disk. Preparing an already prepared dataset does 
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from absl import app, flags
+
 from lcseg import cli
-from lcseg.data import DATASETS, get_metadata, prepare
+from lcseg.data import DATASETS, get_metadata, prepare_dataset
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program, like every lcseg command.
+    flags.DEFINE_string("manual_dir", None,
+                        "Folder holding the downloaded archives (not for synthetic).")
+    flags.DEFINE_string("data_dir", None,
+                        "TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 
 
 def _disk_usage(path: Path) -> int:
@@ -37,32 +47,17 @@ def _human(num_bytes: float) -> str:
     return f"{num_bytes:.2f} GiB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command; returns the exit status (0 done, 1 bad input).
+def run(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> None:
+    """Prepares dataset ``name`` and prints where it went, its splits, time and size.
 
-    Args:
-      argv: command-line arguments without the program name; None for ``sys.argv[1:]``.
+    Raises:
+      FileNotFoundError, ValueError: an unknown dataset, or missing or bad archives (the
+        message says which and what to do).
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m lcseg.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=sorted(DATASETS), help="dataset to prepare")
-    parser.add_argument("--manual_dir", default=None,
-                        help="folder holding the downloaded archives (not for synthetic)")
-    parser.add_argument("--data_dir", default=None,
-                        help="TFDS data directory (default: $TFDS_DATA_DIR or "
-                             "~/tensorflow_datasets)")
-    args = parser.parse_args(argv)
-    cli.quiet_library_logs()  # E.g. TFDS's "Variant folder ... has no dataset_info.json".
-
-    data_dir = os.path.expanduser(args.data_dir) if args.data_dir else None
-    was_prepared = get_metadata(args.name).builder_class()(data_dir=data_dir).is_prepared()
+    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    was_prepared = get_metadata(name).builder_class()(data_dir=data_dir).is_prepared()
     start = time.perf_counter()
-    try:
-        builder = prepare(args.name, args.data_dir, args.manual_dir)
-    except (FileNotFoundError, ValueError) as error:
-        # Bad input: the message says what is wrong and what to do; a traceback would not help.
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    builder = prepare_dataset(name, data_dir, manual_dir)
     elapsed = time.perf_counter() - start
 
     data_dir = Path(builder.data_dir)
@@ -76,8 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {alias:<18} {count:>7} examples ({expression})")
     done = "already prepared, nothing to do" if was_prepared else f"took {elapsed:.1f} s"
     print(f"{done}; {_human(_disk_usage(data_dir))} on disk")
-    return 0
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) != 2 or argv[1] not in DATASETS:
+        raise app.UsageError(f"Usage: python -m lcseg.prepare NAME [--manual_dir DOWNLOADS] "
+                             f"[--data_dir DATA_DIR]; NAME one of {sorted(DATASETS)}")
+    cli.quiet_library_logs()  # E.g. TFDS's "Variant folder ... has no dataset_info.json".
+    with cli.exit_on_bad_input("lcseg.prepare"):
+        run(argv[1], FLAGS.data_dir, FLAGS.manual_dir)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _define_flags()
+    app.run(main)

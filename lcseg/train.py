@@ -5,7 +5,6 @@ with its periodic actions (logging, evaluation, checkpointing). The state, the s
 the evaluation loop are ``lcseg.experiment``'s.
 """
 
-import json
 import os
 import time
 from typing import Any
@@ -16,115 +15,27 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from flax import traverse_util
 
-from configs import default as default_config
 from lcseg import checkpoints, parallel, preemption
-from lcseg.class_weights import compute_class_weights
-from lcseg.data import get_metadata, open_split, prepare, train_class_counts
+from lcseg.class_weights import resolve_class_weights
+from lcseg.data import open_split, prepare_dataset
 from lcseg.data.metadata import DatasetMetadata
 from lcseg.experiment import Experiment, TrainState
-from lcseg.metrics import write_scores_json
+from lcseg.metrics import format_scores_table, scalar_summaries, write_scores_json
 from lcseg.models import load_pretrained, pretrained_normalisation
 from lcseg.models import summary as model_summary
 from lcseg.models.summary import step_summary
 from lcseg.tracker import check_tracker_config, update_tracker
 from lcseg.visualize import confusion_heatmap
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-
-
-def scalar_summaries(scores: dict[str, Any], metadata: DatasetMetadata,
-                     prefix: str) -> dict[str, float]:
-    """Flattens scores to ``{prefix/miou, prefix/iou/<class>, ...}`` for the writer."""
-    summary = {f"{prefix}/{key}": scores[key]
-               for key in ("loss", "miou", "accuracy", "mean_accuracy", "fwiou", "mean_f1")}
-    for key in ("iou", "f1", "precision", "recall"):
-        for name, value in zip(metadata.class_names, scores[key]):
-            summary[f"{prefix}/{key}/{name}"] = float(value)
-    return summary
-
-
-def format_scores_table(scores: dict[str, Any], metadata: DatasetMetadata) -> str:
-    """A per-class table for logs and the terminal."""
-    lines = [f"{'class':<20}{'IoU':>8}{'F1':>8}{'prec.':>8}{'recall':>8}"]
-    for index, name in enumerate(metadata.class_names):
-        lines.append(f"{name:<20}" + "".join(
-            f"{scores[key][index]:>8.4f}" for key in ("iou", "f1", "precision", "recall")))
-    lines.append(f"{'mean':<20}{scores['miou']:>8.4f}{scores['mean_f1']:>8.4f}")
-    lines.append(f"pixel accuracy {scores['accuracy']:.4f}, mean accuracy "
-                 f"{scores['mean_accuracy']:.4f}, frequency-weighted IoU {scores['fwiou']:.4f}")
-    return "\n".join(lines)
-
-
-def resolve_class_weights(config: ml_collections.ConfigDict) -> np.ndarray | None:
-    """Class weights from the config's scheme and the training split's class counts.
-
-    The counts recorded at preparation describe the dataset's "train" split; training on
-    another split (e.g. LoveDA's ``train_rural``) counts that split's pixels instead.
-    """
-    scheme = config.class_weights
-    if isinstance(scheme, str) and scheme == "none":
-        return None
-    dataset = config.dataset
-    if dataset.train_split == "train":
-        counts = train_class_counts(dataset.name, dataset.data_dir)
-    else:
-        from lcseg.class_stats import count_class_pixels  # Only needed here.
-
-        logging.info("Counting class pixels of %s/%s for class weights", dataset.name,
-                     dataset.train_split)
-        metadata = get_metadata(dataset.name)
-        counts, _ = count_class_pixels(open_split(dataset.name, dataset.train_split,
-                                                  dataset.data_dir),
-                                       metadata.num_classes, metadata.ignore_label)
-    return compute_class_weights(scheme if isinstance(scheme, str) else list(scheme), counts)
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the config next to the checkpoints (evaluate / predict read it back)."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        f.write(config.to_json(indent=2))
-    os.replace(temporary, path)  # Never a half-written config.
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with; fields added to lcseg since take defaults."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-    with open(path) as f:
-        try:
-            saved = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}): restore it from a copy, "
-                             "or start the run in a new workdir.") from error
-
-    def merge(defaults: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-        merged = dict(defaults)
-        for key, value in values.items():
-            # config.model holds the chosen model's own options: take it as saved.
-            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "model":
-                merged[key] = merge(merged[key], value)
-            else:
-                merged[key] = value
-        return merged
-
-    return ml_collections.ConfigDict(merge(default_config.get_config().to_dict(), saved))
-
-
-# ---------------------------------------------------------------------------------------
-# The training loop.
-# ---------------------------------------------------------------------------------------
+from lcseg.workdir import SUMMARY_FILE, checkpoint_dir, restore_run, save_config
 
 
 def _check_finite(metrics: dict[str, float], step: int, last_saved: int | None,
                   workdir: str) -> None:
     if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
         where = (f"the last good checkpoint (step {last_saved}) is intact in "
-                 f"{os.path.join(workdir, CHECKPOINT_DIR)}" if last_saved is not None
+                 f"{checkpoint_dir(workdir)}" if last_saved is not None
                  else "no checkpoint was written")
         raise FloatingPointError(
             f"Training diverged: loss={metrics['loss']}, grad_norm={metrics['grad_norm']} "
@@ -157,10 +68,38 @@ def with_pretrained_weights(state: TrainState, path: str, mesh) -> TrainState:
         ema_params=variables["params"] if state.ema_params is not None else None)
 
 
+def with_workdir_weights(state: TrainState, workdir: str) -> TrainState:
+    """The state with the parameters (and BatchNorm statistics) of ``workdir``'s best
+    checkpoint: a run of the same model, e.g. stage one of the hypercolumn system.
+
+    Raises:
+      ValueError: the run's model has other parameters (names and shapes listed).
+    """
+    _, source, step = restore_run(workdir, "best")
+    problems = []
+    for collection in ("params", "batch_stats"):
+        expected = traverse_util.flatten_dict(getattr(state, collection), sep="/")
+        found = traverse_util.flatten_dict(getattr(source, collection), sep="/")
+        problems += [f"{collection}/{key}: {'missing' if key not in found else found[key].shape}"
+                     f" in {workdir}, {value.shape} here" for key, value in expected.items()
+                     if key not in found or found[key].shape != value.shape]
+        problems += [f"{collection}/{key}: only in {workdir}" for key in found
+                     if key not in expected]
+    if problems:
+        raise ValueError(f"config.model.init_from={workdir}: its model does not have this "
+                         f"model's parameters ({len(problems)} differences: "
+                         f"{'; '.join(problems[:8])}). Use the workdir of a run of the same "
+                         f"model.")
+    logging.info("Initialised from %s (step %d)", workdir, step)
+    return state.replace(
+        params=source.params, batch_stats=source.batch_stats,
+        ema_params=source.params if state.ema_params is not None else None)
+
+
 def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
                         lowered: jax.stages.Lowered, compiled: jax.stages.Compiled) -> None:
     """Parameters per module, FLOPs and memory per step: to the log and WORKDIR/summary.txt."""
-    lines = [f"Model {config.model.name}", model_summary(state.params)]
+    lines = [f"Model {config.model.name}", model_summary(state.params, config.frozen)]
     figures = step_summary(lowered, compiled, batch_size=config.batch_size)
     lines.append(f"Train step (batch {config.batch_size} x {config.crop_size}^2): "
                  + ", ".join(f"{k} {v:.6g}" for k, v in figures.items()))
@@ -171,7 +110,7 @@ def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: 
     text = "\n".join(lines)
     logging.info("%s", text)
     if parallel.is_main_process():
-        with open(os.path.join(workdir, "summary.txt"), "w") as f:
+        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
             f.write(text + "\n")
 
 
@@ -210,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # --- Data -------------------------------------------------------------------------
     dataset = config.dataset
     if main_process:  # One process prepares; the others wait and then read.
-        prepare(dataset.name, dataset.data_dir, dataset.manual_dir)
+        prepare_dataset(dataset.name, dataset.data_dir, dataset.manual_dir)
     parallel.sync("dataset_prepared")
     train_source = open_split(dataset.name, dataset.train_split, dataset.data_dir)
     eval_source = open_split(dataset.name, dataset.eval_split, dataset.data_dir)
@@ -227,17 +166,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     train_iter = experiment.train_iterator(train_source)
     state = experiment.init_state()
 
-    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
+    checkpointer = checkpoints.Checkpointer(checkpoint_dir(workdir))
     last_saved = checkpointer.latest_step()
     if last_saved is not None:
         logging.info("Resuming from the checkpoint of step %d", last_saved)
         state = checkpointer.restore(last_saved, state, train_iter)
-    elif pretrained:
-        state = with_pretrained_weights(state, pretrained, experiment.mesh)
+    else:
+        if pretrained:
+            state = with_pretrained_weights(state, pretrained, experiment.mesh)
+        if config.model.get("init_from"):  # Every parameter, the pretrained ones included.
+            state = with_workdir_weights(state, config.model.init_from)
     initial_step = int(state.step)
     if initial_step == 0 and main_process:
         hparams = {k: str(v) if isinstance(v, (list, tuple)) else v
-                   for k, v in _flatten(config.to_dict()).items() if v is not None}
+                   for k, v in traverse_util.flatten_dict(config.to_dict(), sep=".").items()
+                   if v is not None}
         writer.write_hparams(hparams)
     normalisation = {"mean": list(config.dataset.mean), "std": list(config.dataset.std)}
 
@@ -330,12 +273,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpointer.close()
     return state
 
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

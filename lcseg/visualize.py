@@ -1,12 +1,27 @@
-"""Pictures of labels and predictions in a dataset's palette."""
+"""Pictures of labels and predictions in a dataset's palette, and lcseg's figures.
+
+Every figure lcseg draws (here, and the class statistics, the learning-rate finder and the
+comparison plots) starts from ``offscreen_figure``: a matplotlib ``Figure`` on its own Agg
+canvas, without pyplot, so neither the global backend nor a user's open interactive
+figures are touched.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from lcseg.data.metadata import DatasetMetadata
+
+
+def offscreen_figure(figsize: tuple[float, float], dpi: int = 100) -> Figure:
+    """A matplotlib figure drawn on its own Agg canvas (``figure.canvas``), without pyplot."""
+    figure = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def colorize(labels: np.ndarray, metadata: DatasetMetadata) -> np.ndarray:
@@ -57,12 +72,6 @@ def confusion_heatmap(matrix: np.ndarray, class_names: Sequence[str], *,
     Returns:
       The picture as RGB uint8 ``[H, W, 3]`` (e.g. for TensorBoard or PNG files).
     """
-    # Imported here so that `import lcseg` stays light. Figure + FigureCanvasAgg render
-    # off-screen without pyplot, so neither the global backend nor a user's open
-    # interactive figures are touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     normalised = row_normalize(matrix)
     num_classes = len(class_names)
     if normalised.shape[0] != num_classes:
@@ -70,8 +79,8 @@ def confusion_heatmap(matrix: np.ndarray, class_names: Sequence[str], *,
                          f"{num_classes} class names were given")
     # Grow the figure with the class count so that annotations stay legible.
     side = max(4.0, 1.8 + 0.6 * num_classes)
-    figure = Figure(figsize=(side + 1.0, side), dpi=100)
-    canvas = FigureCanvasAgg(figure)
+    figure = offscreen_figure((side + 1.0, side))
+    canvas = figure.canvas
     try:
         axes = figure.add_subplot()
         image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)

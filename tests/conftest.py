@@ -26,10 +26,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def synthetic_data_dir(tmp_path_factory) -> str:
     """A TFDS data dir with the synthetic dataset prepared (once per test session)."""
-    from lcseg.data import prepare
+    from lcseg.data import prepare_dataset
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    prepare("synthetic", data_dir)
+    prepare_dataset("synthetic", data_dir)
     return data_dir
 
 

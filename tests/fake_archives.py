@@ -1,4 +1,4 @@
-"""Small fake downloads of DeepGlobe, LoveDA and LandCover.ai, in their real layouts.
+"""Small fake downloads of DeepGlobe, LoveDA, LandCover.ai and xView2, in their real layouts.
 
 Each ``write_*`` function writes, into a ``manual_dir``, the archive(s) exactly as users
 download them (file names, folders, formats; see datasets/<name>/README.md), only with
@@ -9,7 +9,7 @@ and label. Tests of the builders use them; so can an end-to-end training test:
     from tests import fake_archives
 
     fake = fake_archives.write_loveda(tmp_path / "manual")
-    lcseg.data.prepare("loveda", str(tmp_path / "data"), str(fake.manual_dir))
+    lcseg.data.prepare_dataset("loveda", str(tmp_path / "data"), str(fake.manual_dir))
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import shutil
+import tarfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -311,3 +313,121 @@ def write_landcoverai(manual_dir: Path, *, as_zip: bool = True, seed: int = 0) -
     return FakeDataset(manual_dir, source, {k: list(v) for k, v in LANDCOVERAI_LISTS.items()},
                        images, labels)
 
+
+# ----------------------------------------------------------------------------------------
+# xView2
+# ----------------------------------------------------------------------------------------
+
+# Top folder -> archive name, as downloaded from xview2.org.
+XVIEW2_ARCHIVES = {
+    "train": "train_images_labels_targets.tar.gz",
+    "test": "test_images_labels_targets.tar.gz",
+    "tier3": "tier3.tar.gz",
+    "hold": "hold_images_labels_targets.tar.gz",
+}
+# Top folder -> image ids <disaster>_<8-digit number>, as in the real file names. The
+# same number under two disasters, so ids must carry the disaster.
+XVIEW2_IDS = {
+    "train": ["hurricane-harvey_00000000", "hurricane-harvey_00000012",
+              "santa-rosa-wildfire_00000089", "palu-tsunami_00000105",
+              "mexico-earthquake_00000003", "socal-fire_00001226", "hurricane-florence_00000410",
+              "guatemala-volcano_00000017", "midwest-flooding_00000012",
+              "hurricane-michael_00000500"],
+    "test": ["hurricane-harvey_00000004", "palu-tsunami_00000001"],
+    # More than train/ holds, as in the real download (6369 vs 2799): ranking tier3 with
+    # train/ would move the validation cut, which the tests must be able to see.
+    "tier3": ["joplin-tornado_00000000", "lower-puna-volcano_00000037", "moore-tornado_00000074",
+              "nepal-flooding_00000111", "pinery-bushfire_00000148",
+              "portugal-wildfire_00000185", "sunda-tsunami_00000222"],
+    "hold": ["santa-rosa-wildfire_00000300", "socal-fire_00000002"],
+}
+
+
+def tar_members(tar_path: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """The members of a tar.gz in order, with their bytes (None for folders and links)."""
+    with tarfile.open(tar_path, "r:gz") as archive:
+        return [(member, archive.extractfile(member).read() if member.isfile() else None)
+                for member in archive.getmembers()]
+
+
+def write_tar_members(tar_path: Path, members: Sequence[tuple[tarfile.TarInfo, bytes | None]]
+                      ) -> Path:
+    """Writes ``members`` (as ``tar_members`` gives them) into a new tar.gz; returns it."""
+    with tarfile.open(tar_path, "w:gz") as archive:
+        for member, data in members:
+            if data is not None:
+                member.size = len(data)
+            archive.addfile(member, io.BytesIO(data) if data is not None else None)
+    return tar_path
+
+
+def tar_folder(folder: Path, tar_path: Path, *, seed: int = 0) -> Path:
+    """Tars and gzips ``folder`` (members start with its name) and deletes it.
+
+    Folders come first, files in a shuffled order (images and targets interleaved, as a
+    builder must not rely on an order the real archives do not promise).
+    """
+    paths = sorted(folder.rglob("*"))
+    files = [path for path in paths if path.is_file()]
+    order = np.random.default_rng(seed).permutation(len(files))
+    with tarfile.open(tar_path, "w:gz") as archive:
+        archive.add(folder, folder.name, recursive=False)
+        for path in [p for p in paths if p.is_dir()] + [files[i] for i in order]:
+            archive.add(path, path.relative_to(folder.parent).as_posix(), recursive=False)
+    shutil.rmtree(folder)
+    return tar_path
+
+
+def _png(array: np.ndarray, path: Path) -> None:
+    # Not Pillow's default compression, so that bytes re-encoded by a builder differ.
+    Image.fromarray(array).save(path, "PNG", compress_level=1)
+
+
+def write_xview2(manual_dir: Path, *, as_tar: bool = True, size: int = 64, seed: int = 0,
+                 folders: Sequence[str] = ("train", "test"),
+                 ids: dict[str, Sequence[str]] | None = None) -> FakeDataset:
+    """Writes fake xView2 archives (``<name>.tar.gz`` with top folder ``<folder>/``) or folders.
+
+    Each folder holds ``images/<id>_{pre,post}_disaster.png`` (RGB), ``targets/<id>_{pre,
+    post}_disaster_target.png`` (single-channel) and ``labels/<id>_{pre,post}_disaster.json``.
+    Pre-disaster targets hold every value 0..5 (a builder must make all of 1..5 building);
+    post-disaster images and targets differ from the pre-disaster ones (a builder reading
+    them would fail the comparison).
+
+    Args:
+      manual_dir: where to write.
+      as_tar: write the tar.gz archives (True) or the folders they extract to.
+      size: image side in pixels.
+      seed: of the random images and targets (and of the member order in the tars).
+      folders: which of train, test, tier3, hold to write.
+      ids: folder -> image ids; None for ``XVIEW2_IDS``.
+
+    Returns:
+      The fake; ``splits`` holds, per folder written, its pre-disaster ids under
+      ``'<folder>_archive'`` (the builder divides train/ into train and validation).
+    """
+    rng = np.random.default_rng(seed)
+    manual_dir.mkdir(parents=True, exist_ok=True)
+    ids = XVIEW2_IDS if ids is None else ids
+    splits, images, labels = {}, {}, {}
+    for folder_name in folders:
+        folder = manual_dir / folder_name
+        for sub in ("images", "targets", "labels"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        for image_id in ids[folder_name]:
+            for phase in ("pre", "post"):
+                stem = f"{image_id}_{phase}_disaster"
+                image = _texture(rng, size, size)
+                raw = _blocks(rng, size, size, [0, 0, 0, 1, 2, 3, 4, 5], block=8)
+                _png(image, folder / "images" / f"{stem}.png")
+                _png(raw.astype(np.uint8), folder / "targets" / f"{stem}_target.png")
+                (folder / "labels" / f"{stem}.json").write_text(json.dumps(
+                    {"features": {"xy": []}, "metadata": {"img_name": f"{stem}.png"}}))
+                if phase == "pre":
+                    images[image_id] = image
+                    labels[image_id] = (raw > 0).astype(np.uint8)
+        splits[f"{folder_name}_archive"] = list(ids[folder_name])
+        if as_tar:
+            tar_folder(folder, manual_dir / XVIEW2_ARCHIVES[folder_name], seed=seed)
+    source = manual_dir / (XVIEW2_ARCHIVES["train"] if as_tar else "train")
+    return FakeDataset(manual_dir, source, splits, images, labels)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lcseg import class_stats, visualize
-from lcseg.data import get_metadata
+from lcseg.data import count_class_pixels, get_metadata
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_count_class_pixels_matches_numpy_reference():
         labels.append(label)
     source = [{"label": label, "id": f"ex{i}"} for i, label in enumerate(labels)]
     calls = []
-    counts, ignored = class_stats.count_class_pixels(
+    counts, ignored = count_class_pixels(
         source, 4, 255, progress=lambda done, total: calls.append((done, total)))
     expected_counts, expected_ignored = _reference_counts(labels, 4, 255)
     assert counts.dtype == np.int64
@@ -42,7 +42,7 @@ def test_count_class_pixels_matches_numpy_reference():
 def test_count_class_pixels_rejects_stray_labels():
     source = [{"label": np.array([[0, 1], [7, 255]], np.uint8), "id": "bad"}]
     with pytest.raises(ValueError, match=r"'bad'.*\[7\]"):
-        class_stats.count_class_pixels(source, 4, 255)
+        count_class_pixels(source, 4, 255)
 
 
 def test_format_report_lists_counts_and_weights():

@@ -20,8 +20,11 @@ from tensorboard.util import tensor_util
 
 from lcseg import checkpoints, compare, parallel, train
 from lcseg.data import get_metadata, open_split
+from lcseg.experiment import Experiment
 from lcseg.models import create_model
+from lcseg.models.summary import step_summary
 from lcseg.ops import fast_conv
+from lcseg.workdir import load_config
 from tests.conftest import run_python
 from tests.test_train import tiny_config
 
@@ -56,7 +59,7 @@ def eval_report(workdir, split, step):
 
 def expected_parameters(workdir):
     """Trainable and total (with BatchNorm statistics) parameters of the config's model."""
-    config = train.load_config(workdir)
+    config = load_config(workdir)
     model = create_model(**config.model, num_classes=get_metadata(config.dataset.name).num_classes)
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
@@ -158,14 +161,14 @@ def test_gflops_per_image_do_not_depend_on_the_device_count(runs):
     be 4x too small for the run.
     """
     run, = compare.compare_runs([runs["narrow"]]).runs
-    config = train.load_config(runs["narrow"])
-    experiment = train.Experiment(config, mesh=parallel.make_mesh(jax.devices()[:1]))
+    config = load_config(runs["narrow"])
+    experiment = Experiment(config, mesh=parallel.make_mesh(jax.devices()[:1]))
     size = config.crop_size
     batch = parallel.shard_batch({"image": np.zeros((4, size, size, 3), np.uint8),
                                   "label": np.zeros((4, size, size), np.uint8)},
                                  experiment.mesh)
     state = experiment.init_state()
-    one_device = train.step_summary(experiment.lower_for_flops(state, batch),
+    one_device = step_summary(experiment.lower_for_flops(state, batch),
                                     experiment.train_step.lower(state, batch).compile(),
                                     batch_size=4)["gflops_per_image"]
     assert run.gflops_per_image == pytest.approx(one_device, rel=0.05)
@@ -184,13 +187,13 @@ def test_flops_are_those_of_xla_convolutions_whatever_fast_conv_does(synthetic_d
     monkeypatch.setattr(fast_conv, "_MIN_CHUNK_PIXELS", 64)
     def flops(fast_conv, lower):
         config = tiny_config(synthetic_data_dir, fast_conv=fast_conv, crop_size=64)
-        experiment = train.Experiment(config, mesh=parallel.make_mesh(jax.devices()[:1]))
+        experiment = Experiment(config, mesh=parallel.make_mesh(jax.devices()[:1]))
         batch = parallel.shard_batch({"image": np.zeros((2, 64, 64, 3), np.uint8),
                                       "label": np.zeros((2, 64, 64), np.uint8)},
                                      experiment.mesh)
         state = experiment.init_state()
         lowered = lower(experiment)(state, batch)
-        return train.step_summary(lowered, lowered.compile(), batch_size=2)["gflops_per_step"]
+        return step_summary(lowered, lowered.compile(), batch_size=2)["gflops_per_step"]
 
     plain = flops("off", lambda e: e.train_step.lower)
     # The premise: at this size the fast step's loops hide FLOPs from the analysis.

@@ -23,7 +23,7 @@ from PIL import Image
 from datasets.deepglobe import deepglobe_dataset_builder as deepglobe
 from datasets.landcoverai import landcoverai_dataset_builder as landcoverai
 from lcseg import prepare as prepare_cli
-from lcseg.data import IGNORE_LABEL, get_metadata, open_split, prepare, train_class_counts
+from lcseg.data import IGNORE_LABEL, get_metadata, open_split, prepare_dataset, train_class_counts
 from tests import fake_archives
 from tests.conftest import run_python
 
@@ -36,7 +36,7 @@ def _examples(name: str, split: str, data_dir: Path) -> list[dict]:
 def _check_prepared(name: str, data_dir: Path, fake: fake_archives.FakeDataset,
                     splits: dict[str, list[str]], extra_keys: tuple[str, ...] = ()) -> None:
     """Every split holds exactly its ids, each with the expected image and label."""
-    builder = prepare(name, str(data_dir))
+    builder = prepare_dataset(name, str(data_dir))
     assert set(builder.info.splits) | set(builder.SPLIT_ALIASES) == set(splits)
     for split, ids in splits.items():
         examples = _examples(name, split, data_dir)
@@ -56,7 +56,7 @@ def _check_prepared(name: str, data_dir: Path, fake: fake_archives.FakeDataset,
 
 def _stored_image_bytes(name: str, split: str, data_dir: Path) -> dict[str, bytes]:
     """The encoded image bytes of each example of ``split``, by id."""
-    builder = prepare(name, str(data_dir))
+    builder = prepare_dataset(name, str(data_dir))
     source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     return {source[i]["id"].decode(): source[i]["image"] for i in range(len(source))}
 
@@ -121,7 +121,7 @@ DEEPGLOBE_SUBSETS = {
 def test_deepglobe_part_of_the_download_fills_every_split(tmp_path, num_labelled):
     ids = DEEPGLOBE_SUBSETS[num_labelled]
     fake = fake_archives.write_deepglobe(tmp_path / "manual", size=16, labelled_ids=ids)
-    builder = prepare("deepglobe", str(tmp_path / "data"), str(fake.manual_dir))
+    builder = prepare_dataset("deepglobe", str(tmp_path / "data"), str(fake.manual_dir))
     expected = deepglobe.split_counts(num_labelled)
     assert {split: builder.info.splits[split].num_examples
             for split in deepglobe.LABELLED_SPLITS} == expected
@@ -138,7 +138,7 @@ def test_deepglobe_too_few_labelled_images(tmp_path):
     data_dir = tmp_path / "data"
     with pytest.raises(ValueError, match=r"archive\.zip!metadata\.csv lists 2 labelled .*"
                                          r"at least 3 .*full download"):
-        prepare("deepglobe", str(data_dir), str(fake.manual_dir))
+        prepare_dataset("deepglobe", str(data_dir), str(fake.manual_dir))
     assert _files(data_dir) == []
     with pytest.raises(ValueError, match="cannot fill"):
         deepglobe.assign_splits(["6399", "55"])
@@ -169,7 +169,7 @@ def test_deepglobe_mask_decoding_binarises_at_128():
 def test_deepglobe_prepares_zip_or_folder(tmp_path, as_zip, zip_name):
     fake = fake_archives.write_deepglobe(tmp_path / "manual", as_zip=as_zip,
                                          zip_name=zip_name or "unused.zip")
-    prepare("deepglobe", str(tmp_path / "data"), str(fake.manual_dir))
+    prepare_dataset("deepglobe", str(tmp_path / "data"), str(fake.manual_dir))
     labelled = fake.splits["labelled"]
     split_of = deepglobe.assign_splits(labelled)
     splits = {split: [i for i in labelled if split_of[i] == split]
@@ -197,11 +197,11 @@ def _deepglobe_folder(tmp_path: Path) -> Path:
 
 def test_deepglobe_missing_download(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist or is empty"):
-        prepare("deepglobe", str(tmp_path / "data"), str(tmp_path / "nowhere"))
+        prepare_dataset("deepglobe", str(tmp_path / "data"), str(tmp_path / "nowhere"))
     (tmp_path / "manual").mkdir()
     (tmp_path / "manual" / "notes.txt").write_text("hello")
     with pytest.raises(FileNotFoundError, match=r"No DeepGlobe data in .*manual.*archive\.zip"):
-        prepare("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
 
 
 def test_deepglobe_corrupt_zip(tmp_path):
@@ -209,7 +209,7 @@ def test_deepglobe_corrupt_zip(tmp_path):
     manual.mkdir()
     (manual / "archive.zip").write_bytes(b"PK\x03\x04 truncated download")
     with pytest.raises(ValueError, match=r"archive\.zip is not a readable zip.*download it "):
-        prepare("deepglobe", str(tmp_path / "data"), str(manual))
+        prepare_dataset("deepglobe", str(tmp_path / "data"), str(manual))
 
 
 def test_deepglobe_class_dict_mismatch(tmp_path):
@@ -218,7 +218,7 @@ def test_deepglobe_class_dict_mismatch(tmp_path):
     (folder / "class_dict.csv").write_text(text)
     with pytest.raises(ValueError, match=r"class_dict\.csv row 6: class 'water' has colour "
                                          r"\(0, 0, 254\)"):
-        prepare("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
 
 
 @pytest.mark.parametrize("missing", ["metadata.csv", "class_dict.csv"])
@@ -226,7 +226,7 @@ def test_deepglobe_missing_csv(tmp_path, missing):
     folder = _deepglobe_folder(tmp_path)
     (folder / missing).unlink()
     with pytest.raises(FileNotFoundError, match=rf"{missing} is missing"):
-        prepare("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
 
 
 def test_deepglobe_listed_file_missing(tmp_path):
@@ -234,7 +234,7 @@ def test_deepglobe_listed_file_missing(tmp_path):
     (folder / "train" / "6399_mask.png").unlink()
     with pytest.raises(FileNotFoundError,
                        match=r"metadata\.csv row 3: train/6399_mask\.png is not in the download"):
-        prepare("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("deepglobe", str(tmp_path / "data"), str(tmp_path / "manual"))
 
 
 def test_deepglobe_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
@@ -245,14 +245,14 @@ def test_deepglobe_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
     data_dir = tmp_path / "data"
     with pytest.raises(ValueError, match=r"6399_mask\.png is 32x32 px but its image "
                                          r"6399_sat\.jpg is 64x64"):
-        prepare("deepglobe", str(data_dir), str(tmp_path / "manual"))
+        prepare_dataset("deepglobe", str(data_dir), str(tmp_path / "manual"))
     Image.new("L", (64, 64)).save(mask_path)
     with pytest.raises(ValueError, match=r"6399_mask\.png: mask has mode 'L'"):
-        prepare("deepglobe", str(data_dir), str(tmp_path / "manual"))
+        prepare_dataset("deepglobe", str(data_dir), str(tmp_path / "manual"))
     # The failures happened while writing examples: nothing of them may remain.
     assert _files(data_dir) == []
     mask_path.write_bytes(good)
-    builder = prepare("deepglobe", str(data_dir), str(tmp_path / "manual"))
+    builder = prepare_dataset("deepglobe", str(data_dir), str(tmp_path / "manual"))
     assert builder.is_prepared()
 
 
@@ -264,11 +264,11 @@ def test_deepglobe_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
 def test_loveda_prepares_zips_or_folders(tmp_path, as_zip, capsys):
     fake = fake_archives.write_loveda(tmp_path / "manual", as_zip=as_zip)
     data_dir = tmp_path / "data"
-    prepare("loveda", str(data_dir), str(fake.manual_dir))
+    prepare_dataset("loveda", str(data_dir), str(fake.manual_dir))
     _check_prepared("loveda", data_dir, fake, fake.splits, extra_keys=("domain",))
     # Each example is stored once, in its per-domain split; train/validation/test are
     # unions read through split aliases.
-    builder = prepare("loveda", str(data_dir))
+    builder = prepare_dataset("loveda", str(data_dir))
     stored = {"train_urban", "train_rural", "validation_urban", "validation_rural",
               "test_urban", "test_rural"}
     assert set(builder.info.splits) == stored
@@ -280,7 +280,7 @@ def test_loveda_prepares_zips_or_folders(tmp_path, as_zip, capsys):
     expected = sum(np.bincount(fake.labels[i].ravel(), minlength=256)[:7]
                    for i in fake.splits["train_urban"] + fake.splits["train_rural"])
     np.testing.assert_array_equal(train_class_counts("loveda", str(data_dir)), expected)
-    assert prepare_cli.main(["loveda", "--data_dir", str(data_dir)]) == 0
+    prepare_cli.run("loveda", str(data_dir))
     assert "4 examples (train_urban+train_rural)" in capsys.readouterr().out
     # Same file number in both domains, two examples; the domain feature says which.
     train = {example["id"]: example for example in _examples("loveda", "train", data_dir)}
@@ -302,10 +302,10 @@ def test_loveda_missing_and_corrupt_archives(tmp_path):
     fake = fake_archives.write_loveda(tmp_path / "manual")
     (fake.manual_dir / "Val.zip").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing Val\.zip \(or its folder Val/\)"):
-        prepare("loveda", str(tmp_path / "data"), str(fake.manual_dir))
+        prepare_dataset("loveda", str(tmp_path / "data"), str(fake.manual_dir))
     (fake.manual_dir / "Val.zip").write_bytes(b"not a zip at all")
     with pytest.raises(ValueError, match=r"Val\.zip is not a readable zip"):
-        prepare("loveda", str(tmp_path / "data"), str(fake.manual_dir))
+        prepare_dataset("loveda", str(tmp_path / "data"), str(fake.manual_dir))
     # Damaged bytes inside a member (a bad download that still opens as a zip).
     fake_archives.write_loveda(fake.manual_dir)
     with zipfile.ZipFile(fake.source) as archive:
@@ -316,7 +316,7 @@ def test_loveda_missing_and_corrupt_archives(tmp_path):
     fake.source.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"Train\.zip!Train/Urban/images_png/2\.png cannot be "
                                          r"read .*corrupt"):
-        prepare("loveda", str(tmp_path / "data"), str(fake.manual_dir))
+        prepare_dataset("loveda", str(tmp_path / "data"), str(fake.manual_dir))
 
 
 def test_loveda_image_without_mask(tmp_path):
@@ -324,7 +324,7 @@ def test_loveda_image_without_mask(tmp_path):
     fake_archives.replace_zip_member(fake.source, "Train/Urban/masks_png/2.png", None)
     with pytest.raises(FileNotFoundError, match=r"Urban/masks_png/: no mask for image\(s\) "
                                                 r"\['2\.png'\]"):
-        prepare("loveda", str(tmp_path / "data"), str(fake.manual_dir))
+        prepare_dataset("loveda", str(tmp_path / "data"), str(fake.manual_dir))
 
 
 def test_loveda_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
@@ -335,13 +335,13 @@ def test_loveda_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
     data_dir = tmp_path / "data"
     with pytest.raises(ValueError, match=r"Train\.zip!Train/Rural/masks_png/3\.png: mask "
                                          r"value\(s\) \[9\] out of range"):
-        prepare("loveda", str(data_dir), str(fake.manual_dir))
+        prepare_dataset("loveda", str(data_dir), str(fake.manual_dir))
     fake_archives.write_loveda_mask(fake.source, "Train/" + member, np.ones((16, 32)))
     with pytest.raises(ValueError, match=r"3\.png is 32x16 px but its image is 32x32"):
-        prepare("loveda", str(data_dir), str(fake.manual_dir))
+        prepare_dataset("loveda", str(data_dir), str(fake.manual_dir))
     assert _files(data_dir) == []
     fake_archives.write_loveda_mask(fake.source, "Train/" + member, np.ones((32, 32)))
-    assert prepare("loveda", str(data_dir), str(fake.manual_dir)).is_prepared()
+    assert prepare_dataset("loveda", str(data_dir), str(fake.manual_dir)).is_prepared()
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_landcoverai_prepares_lossless_tiles(tmp_path, as_zip, monkeypatch):
         return original_read(self, *args, window=window, **kwargs)
 
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", read)
-    prepare("landcoverai", str(tmp_path / "data"), str(fake.manual_dir))
+    prepare_dataset("landcoverai", str(tmp_path / "data"), str(fake.manual_dir))
     assert windows and all(w is not None and w.height <= 512 for w in windows)
     # Tiles equal the sources' windows exactly; the unlisted whole tile is not kept.
     _check_prepared("landcoverai", tmp_path / "data", fake, fake.splits)
@@ -386,14 +386,14 @@ def test_landcoverai_listed_tile_must_exist(tmp_path):
         f.write("M-33-20-D-c-4-2_2\n")  # Crosses the right edge: split.py never wrote it.
     with pytest.raises(ValueError, match=r"val\.txt: tile M-33-20-D-c-4-2_2 does not exist: "
                                          r"sheet M-33-20-D-c-4-2 is 1300x1100 px"):
-        prepare("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
     (folder / "val.txt").write_text("Q-99-1-A-a-1-1_0\n")
     with pytest.raises(ValueError, match=r"tile Q-99-1-A-a-1-1_0 names sheet 'Q-99-1-A-a-1-1', "
                                          r"but images/Q-99-1-A-a-1-1\.tif is not in"):
-        prepare("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
     (folder / "val.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"val\.txt is missing"):
-        prepare("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
 
 
 def test_landcoverai_size_mismatch(tmp_path):
@@ -402,7 +402,7 @@ def test_landcoverai_size_mismatch(tmp_path):
                                 np.zeros((600, 1000), np.uint8))
     with pytest.raises(ValueError, match=r"masks/N-34-140-A-b-3-2\.tif is 1000x600 px but "
                                          r".*images/N-34-140-A-b-3-2\.tif is 1100x600"):
-        prepare("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
+        prepare_dataset("landcoverai", str(tmp_path / "data"), str(tmp_path / "manual"))
 
 
 def test_landcoverai_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
@@ -416,12 +416,12 @@ def test_landcoverai_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
     data_dir = tmp_path / "data"
     with pytest.raises(ValueError, match=r"landcover\.ai\.v1\.zip!masks/N-34-140-A-b-3-2\.tif: "
                                          r"value 7 in tile N-34-140-A-b-3-2_1"):
-        prepare("landcoverai", str(data_dir), str(fake.manual_dir))
+        prepare_dataset("landcoverai", str(data_dir), str(fake.manual_dir))
     assert _files(data_dir) == []
     mask[100, 600] = 4
     fake_archives.write_geotiff(bad_tif, mask)
     fake_archives.replace_zip_member(fake.source, member, bad_tif.read_bytes())
-    assert prepare("landcoverai", str(data_dir), str(fake.manual_dir)).is_prepared()
+    assert prepare_dataset("landcoverai", str(data_dir), str(fake.manual_dir)).is_prepared()
 
 
 # ----------------------------------------------------------------------------------------
@@ -431,20 +431,18 @@ def test_landcoverai_bad_mask_fails_cleanly_and_rerun_works(tmp_path):
 def test_prepare_command(tmp_path, capsys):
     fake = fake_archives.write_landcoverai(tmp_path / "manual")
     data_dir = tmp_path / "data"
-    argv = ["landcoverai", "--manual_dir", str(fake.manual_dir), "--data_dir", str(data_dir)]
-    assert prepare_cli.main(argv) == 0
+    prepare_cli.run("landcoverai", str(data_dir), str(fake.manual_dir))
     out = capsys.readouterr().out
     assert f"is in {data_dir / 'lcseg_landcoverai' / '1.0.0'}" in out
     assert "train" in out and "3 examples" in out and "took" in out and "on disk" in out
-    assert prepare_cli.main(argv) == 0
+    prepare_cli.run("landcoverai", str(data_dir), str(fake.manual_dir))
     assert "already prepared" in capsys.readouterr().out
-    assert prepare_cli.main(["loveda", "--manual_dir", str(fake.manual_dir),
-                             "--data_dir", str(data_dir)]) == 1
-    assert "error: LoveDA download incomplete" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="LoveDA download incomplete"):
+        prepare_cli.run("loveda", str(data_dir), str(fake.manual_dir))
 
 
 def test_prepare_command_synthetic_needs_no_manual_dir(synthetic_data_dir, capsys):
-    assert prepare_cli.main(["synthetic", "--data_dir", synthetic_data_dir]) == 0
+    prepare_cli.run("synthetic", synthetic_data_dir)
     assert "480 examples" in capsys.readouterr().out
 
 
@@ -452,10 +450,10 @@ def test_no_tensorflow_needed(tmp_path):
     fake_archives.write_loveda(tmp_path / "manual")
     code = textwrap.dedent(f"""
         import sys
-        from lcseg.data import open_split
+        from lcseg.data import open_split, prepare_dataset
+        prepare_dataset("loveda", {str(tmp_path / 'data')!r}, {str(tmp_path / 'manual')!r})
         # "train" is an alias: TFDS reads train_urban+train_rural.
-        source = open_split("loveda", "train", {str(tmp_path / 'data')!r},
-                            manual_dir={str(tmp_path / 'manual')!r})
+        source = open_split("loveda", "train", {str(tmp_path / 'data')!r})
         assert len(source) == 4 and source[3]["image"].shape == (32, 32, 3)
         print("tensorflow" in sys.modules)
     """)

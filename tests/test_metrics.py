@@ -9,7 +9,7 @@ import pytest
 
 from lcseg import parallel
 from lcseg.data.pipeline import EvalBatches, LoaderOptions, empty_batch
-from lcseg.experiment import eval_step, evaluate
+from lcseg.experiment import eval_step, evaluate_batches
 from lcseg.metrics import (
     ConfusionMatrix,
     confusion_matrix,
@@ -188,7 +188,7 @@ def test_evaluate_adds_per_image_scores_and_keeps_the_split_scores(with_index, t
 
     from lcseg import parallel
     from lcseg.data.pipeline import empty_batch
-    from lcseg.experiment import eval_step, evaluate
+    from lcseg.experiment import eval_step, evaluate_batches
 
     num_classes, tile, batch_size = 5, 16, 8
     labels, predictions = example_images(num_classes)
@@ -200,7 +200,7 @@ def test_evaluate_adds_per_image_scores_and_keeps_the_split_scores(with_index, t
     empty = empty_batch(batch_size, tile)
     if with_index:
         empty["image_index"] = np.full(batch_size, -1, np.int32)
-    scores = evaluate(step, fake_state(num_classes),
+    scores = evaluate_batches(step, fake_state(num_classes),
                       tiled_batches(labels, predictions, tile=tile, batch_size=batch_size,
                                     with_index=with_index),
                       mesh=mesh, empty_batch=empty, num_classes=num_classes)
@@ -238,7 +238,7 @@ def test_eval_batches_give_per_image_scores(workers):
         eval_step, loss_fn=lambda logits, labels: (jnp.zeros(()), None),
         mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, dtype=jnp.float32, num_classes=5))
     for _ in range(2):  # the loader serves repeated evaluations
-        scores = evaluate(step, fake_state(5), loader(), mesh=parallel.make_mesh(),
+        scores = evaluate_batches(step, fake_state(5), loader(), mesh=parallel.make_mesh(),
                           empty_batch=empty_batch(8, 16), num_classes=5)
         iou, miou, _ = numpy_per_image_iou(labels, predictions, 5)
         np.testing.assert_allclose(scores["iou_per_image"], iou, rtol=1e-12)

@@ -27,8 +27,8 @@ from lcseg.models import (
     summary,
 )
 from lcseg.models.layers import resize_bilinear
-from lcseg.models.pretrained import read_state_dict
 from lcseg.models.resnet import resnet
+from lcseg.models.torch_checkpoint import read_state_dict
 from tests.conftest import run_python
 
 
@@ -253,8 +253,7 @@ def test_imported_weights_load_into_the_encoder_with_their_normalisation(tmp_pat
     else:
         write_safetensors(checkpoint, state)
     converted = str(tmp_path / "converted.npz")
-    import_weights.main([checkpoint, converted, "--mean", "0.4", "0.5", "0.6",
-                         "--std", "0.1", "0.2", "0.3"])
+    import_weights.convert(checkpoint, converted, mean=(0.4, 0.5, 0.6), std=(0.1, 0.2, 0.3))
     assert pretrained_normalisation(converted) == {"mean": (0.4, 0.5, 0.6),
                                                    "std": (0.1, 0.2, 0.3)}
 
@@ -279,7 +278,7 @@ def test_mismatched_weights_list_every_missing_key_and_shape(tmp_path):
                                          r"model \(7, 7, 3, 8\)"):
         load_pretrained(tiny_deeplab_variables(width=8), checkpoint)
     unet = tiny_model("unet")
-    with pytest.raises(ValueError, match="no ResNet encoder.*unetpp"):
+    with pytest.raises(ValueError, match="no encoder.*unetpp"):
         load_pretrained(random_variables(unet, jnp.zeros((1, 8, 8, 3))), checkpoint)
 
 

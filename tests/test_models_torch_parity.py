@@ -125,7 +125,7 @@ def model_with_imported_encoder(model, encoder, path, *, prefix="", height=64, w
 def compare_encoder_features(reference_features, checkpoint, tmp_path, images, stage_sizes,
                              bottleneck, output_stride, style):
     converted = str(tmp_path / "converted.npz")
-    import_weights.main([checkpoint, converted])
+    import_weights.convert(checkpoint, converted)
     expected = [to_nhwc(f) for f in reference_features]
     encoder = ResNet(stage_sizes, bottleneck, output_stride, style, 64)
     nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))

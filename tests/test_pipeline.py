@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from lcseg.data import open_split, prepare, train_class_counts
+from lcseg.data import open_split, prepare_dataset, train_class_counts
 from lcseg.data.augment import resize_example
 from lcseg.data.pipeline import EvalBatches, LoaderOptions, eval_batches, train_iterator
 
@@ -48,7 +48,7 @@ def test_unknown_split_and_dataset_errors(synthetic_data_dir, tmp_path):
     with pytest.raises(ValueError, match="Unknown dataset 'synthtic'.*synthetic"):
         open_split("synthtic", "train", synthetic_data_dir)
     with pytest.raises(FileNotFoundError, match="deepglobe.*manual_dir"):
-        prepare("deepglobe", str(tmp_path))
+        prepare_dataset("deepglobe", str(tmp_path))
 
 
 def test_train_batches_keep_image_and_label_aligned():

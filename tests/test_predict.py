@@ -15,8 +15,12 @@ import zipfile
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+import pyogrio.raw
 import pytest
 import rasterio
+import rasterio.features
+import scipy.ndimage
+import shapely
 from PIL import Image
 
 from lcseg import evaluate, predict, train
@@ -160,11 +164,11 @@ def numpy_position_model(variables, normalised):
 
 
 def numpy_tta_reference(variables, image, mode):
-    """Mean over the group of ``g^-1(model(g(x)))``, written independently of predict.py.
+    """Mean over the group of ``g^-1(model(g(x)))``, written independently of lcseg.predict.
 
-    The groups are enumerated differently from ``predict._tta_transforms`` on purpose
-    (transposes instead of left-right mirrors, axis-0/1 flips instead of NHWC axes): only
-    the set of transforms matters, and each inverse is checked by construction
+    The groups are enumerated differently from ``lcseg.predict.windows.tta_transforms``
+    on purpose (transposes instead of left-right mirrors, axis-0/1 flips instead of NHWC
+    axes): only the set of transforms matters, and each inverse is checked by construction
     (``undo(do(x)) == x``) rather than trusted.
     """
     x = (image.astype(np.float64) / 255.0 - MEAN) / STD
@@ -268,7 +272,7 @@ def test_blending_leaves_no_seam_at_window_borders(overlap):
 def test_seam_measure_detects_seams_of_uniform_weights(monkeypatch):
     # Averaging overlapping windows with equal weights is what leaves seams; the measure
     # above must see them, or the test before proves nothing.
-    monkeypatch.setattr(predict, "window_weights",
+    monkeypatch.setattr("lcseg.predict.windows.window_weights",
                         lambda size, floor=predict.WEIGHT_FLOOR: np.ones((size, size),
                                                                           np.float32))
     assert seam_ratio(0.5) > 3.0
@@ -370,6 +374,48 @@ def test_geotiff_in_geotiff_out_with_crs_transform_nodata_and_probabilities(tmp_
         assert np.abs(values - expected * 255).max() <= 0.51
         assert not probabilities.dataset_mask()[10:30, 40:90].any()
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left behind
+
+
+def read_polygons(path):
+    """``(crs, [shapely geometries], {field: values})`` of a polygon file, via GDAL/OGR."""
+    meta, _, geometries, fields = pyogrio.raw.read(path)
+    return (meta["crs"], list(shapely.from_wkb(geometries)),
+            dict(zip(meta["fields"], fields)))
+
+
+@pytest.mark.parametrize("polygon_format", ["gpkg", "geojson"])
+def test_polygons_of_a_class_rasterise_back_to_its_predicted_mask(tmp_path, polygon_format):
+    image = random_image(150, 230, seed=5)
+    image[image.sum(-1) == 0] = 1
+    image[10:30, 40:90] = 0  # No data: neither class nor polygon there.
+    path = write_geotiff(tmp_path / "sheet.tif", np.transpose(image, (2, 0, 1)), nodata=0)
+    predictor = make_predictor(window=48, overlap=0.25)
+    # The class the model gives a black pixel: the no-data block would be one of its regions.
+    names = get_metadata("synthetic").class_names
+    index = int(expected_probabilities(np.zeros((1, 1, 3), np.uint8)).argmax())
+    written = predict.predict_file(predictor, path, tmp_path / "out", polygons=names[index],
+                                   polygon_format=polygon_format)
+    assert written["polygons"] == tmp_path / "out" / f"sheet_{names[index]}.{polygon_format}"
+    mask = expected_probabilities(image).argmax(-1) == index
+    mask[10:30, 40:90] = False
+    assert mask.sum() > 100
+    crs, geometries, fields = read_polygons(written["polygons"])
+    assert rasterio.crs.CRS.from_user_input(crs).to_epsg() == 2180
+    assert set(fields["class_name"]) == {names[index]}
+    drawn = rasterio.features.rasterize(geometries, out_shape=mask.shape, transform=TRANSFORM,
+                                        fill=0, default_value=1).astype(bool)
+    assert (drawn & mask).sum() / (drawn | mask).sum() > 0.99
+    # One polygon per 4-connected region of the class.
+    assert len(geometries) == scipy.ndimage.label(mask)[1]
+
+    # A minimum area (m^2; pixels are 0.25 m) drops the small regions only.
+    written = predict.predict_file(predictor, path, tmp_path / "big", polygons=str(index),
+                                   polygon_format=polygon_format, polygon_min_area=0.5)
+    _, large, _ = read_polygons(written["polygons"])
+    assert 0 < len(large) < len(geometries)
+    assert min(g.area for g in large) >= 0.5
+    with pytest.raises(ValueError, match="'glacier' is not a class of synthetic"):
+        predict.predict_file(predictor, path, tmp_path / "bad", polygons="glacier")
 
 
 def test_float16_probabilities_and_plain_image_inputs(tmp_path):
@@ -539,7 +585,8 @@ def test_command_line_predicts_a_geotiff_folder(trained_workdir, tmp_path):
     output = tmp_path / "predictions"
     result = run_python(["-m", "lcseg.predict", "--workdir", trained_workdir, "--input",
                          str(inputs), "--output", str(output), "--overlap", "0.25",
-                         "--tta", "flips", "--probabilities", "uint8"])
+                         "--tta", "flips", "--probabilities", "uint8", "--polygons", "urban",
+                         "--polygon_format", "geojson"])
     assert "Wrote" in result.stdout
     with rasterio.open(output / "sheet_classes.tif") as classes:
         assert (classes.height, classes.width) == (150, 230)
@@ -548,6 +595,8 @@ def test_command_line_predicts_a_geotiff_folder(trained_workdir, tmp_path):
     assert Image.open(output / "sheet_colour.png").size == (230, 150)
     with rasterio.open(output / "sheet_probabilities.tif") as probabilities:
         assert probabilities.count == 6
+    crs, geometries, _ = read_polygons(output / "sheet_urban.geojson")
+    assert rasterio.crs.CRS.from_user_input(crs).to_epsg() == 2180
 
     # The same model in-process (4 devices, another batch split) gives the same classes.
     predictor = predict.Predictor.from_workdir(trained_workdir, overlap=0.25, tta="flips")

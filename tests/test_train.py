@@ -19,9 +19,12 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import test as test_config
-from lcseg import evaluate, parallel, train
-from lcseg.data import open_split
+from lcseg import checkpoints, evaluate, parallel, train
+from lcseg.class_weights import resolve_class_weights
+from lcseg.data import open_split, train_class_counts
 from lcseg.data.pipeline import train_iterator
+from lcseg.experiment import Experiment
+from lcseg.workdir import load_config
 from tests.conftest import REPO_ROOT, TEST_ENV, run_python
 
 
@@ -88,7 +91,7 @@ def test_training_writes_config_checkpoints_and_resumes(trained_workdir, synthet
     for step in (3, 6):  # each evaluation also saved as JSON, confusion matrix included
         with open(os.path.join(trained_workdir, "eval", f"validation-{step}.json")) as f:
             assert len(json.load(f)["confusion_matrix"]) == 6
-    checkpointer = train.checkpoints.Checkpointer(
+    checkpointer = checkpoints.Checkpointer(
         os.path.join(trained_workdir, "checkpoints"), read_only=True)
     steps = checkpointer.all_steps()
     assert steps[-1] == 6 and checkpointer.best_step() in (3, 6)
@@ -140,7 +143,7 @@ def test_evaluate_script_restores_on_one_device_what_four_wrote(trained_workdir)
     np.testing.assert_array_equal(report["confusion_matrix"], scores["confusion_matrix"])
     assert report["miou"] == pytest.approx(scores["miou"])
     total = np.sum(report["confusion_matrix"])
-    source = open_split("synthetic", "test", train.load_config(trained_workdir).dataset.data_dir)
+    source = open_split("synthetic", "test", load_config(trained_workdir).dataset.data_dir)
     assert total == sum(np.sum(source[i]["label"] != 255) for i in range(len(source)))
 
 
@@ -149,7 +152,7 @@ def test_data_parallel_steps_match_single_device(synthetic_data_dir):
     source = open_split("synthetic", "train", synthetic_data_dir)
     results = []
     for devices in (jax.devices()[:1], jax.devices()[:4]):
-        experiment = train.Experiment(config, mesh=parallel.make_mesh(devices))
+        experiment = Experiment(config, mesh=parallel.make_mesh(devices))
         state = experiment.init_state()
         batches = train_iterator(source, batch_size=4, crop_size=32, seed=0)
         losses = []
@@ -171,7 +174,7 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(synthetic_
                             schedule="constant")
     with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 3\\)"):
         train.train_and_evaluate(diverging, workdir)
-    checkpointer = train.checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert checkpointer.all_steps() == [3]
     assert_trees_equal(read_params(workdir, 3), good)
 
@@ -200,7 +203,7 @@ def test_killed_run_resumes_bit_identically(synthetic_data_dir, tmp_path):
     finished = os.path.join(killed, "checkpoints", "40")
     assert not os.path.exists(finished), "the run finished before it could be killed"
 
-    resume_from = train.checkpoints.Checkpointer(os.path.join(killed, "checkpoints"),
+    resume_from = checkpoints.Checkpointer(os.path.join(killed, "checkpoints"),
                                                  read_only=True).latest_step()
     assert resume_from is not None and resume_from % 5 == 0
     before = events_files(killed)
@@ -254,11 +257,11 @@ def test_class_weights_come_from_the_configured_training_split(synthetic_data_di
     source = open_split("synthetic", "validation", synthetic_data_dir)
     counts = sum(np.bincount(source[i]["label"].ravel(), minlength=256)[:6]
                  for i in range(len(source)))
-    np.testing.assert_allclose(train.resolve_class_weights(config),
+    np.testing.assert_allclose(resolve_class_weights(config),
                                compute_class_weights("inverse", counts), rtol=1e-6)
     config.dataset.train_split = "train"
-    recorded = train.train_class_counts("synthetic", synthetic_data_dir)
-    np.testing.assert_allclose(train.resolve_class_weights(config),
+    recorded = train_class_counts("synthetic", synthetic_data_dir)
+    np.testing.assert_allclose(resolve_class_weights(config),
                                compute_class_weights("inverse", recorded), rtol=1e-6)
 
 
@@ -266,7 +269,7 @@ def test_workdirs_of_older_versions_load_with_new_fields_defaulted(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"dataset": {"name": "synthetic", "mean": [0.5, 0.5, 0.5]},
                    "model": {"name": "unet", "channels": [4, 8]}, "learning_rate": 0.5}, f)
-    config = train.load_config(str(tmp_path))
+    config = load_config(str(tmp_path))
     assert config.learning_rate == 0.5 and config.dataset.mean == [0.5, 0.5, 0.5]
     assert config.dataset.std == (0.229, 0.224, 0.225)  # added from the defaults
     assert config.ema_decay == 0.0 and dict(config.model) == {"name": "unet",

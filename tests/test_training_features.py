@@ -13,6 +13,8 @@ import pytest
 
 from configs import test as test_config
 from lcseg import checkpoints, experiment, losses, lr_finder, optim, train
+from lcseg import workdir as workdir_lib
+from lcseg.tracker import check_tracker_config, update_tracker
 from tests.test_train import assert_trees_equal, tiny_config
 
 
@@ -179,7 +181,7 @@ def lcseg_plateau(mious, **options):
         plateau_cooldown=options["cooldown"])
     tracker, history = experiment.init_tracker(), []
     for miou in mious:
-        tracker = train.update_tracker(tracker, miou, config)
+        tracker = update_tracker(tracker, miou, config)
         history.append({"scale": float(tracker["lr_scale"]), "bad": int(tracker["plateau_count"]),
                         "cooldown": int(tracker["cooldown_count"]),
                         "best": float(tracker["plateau_best"])})
@@ -295,7 +297,7 @@ def test_early_stopping_rule_is_lightnings(patience):
                              plateau_threshold=0.1)
     tracker, history = experiment.init_tracker(), []
     for miou in mious:
-        tracker = train.update_tracker(tracker, miou, config)
+        tracker = update_tracker(tracker, miou, config)
         # train_and_evaluate's stopping condition
         history.append((float(tracker["best_miou"]),
                         bool(tracker["evals_since_best"] >= config.early_stopping_patience)))
@@ -310,9 +312,9 @@ def test_early_stopping_rule_is_lightnings(patience):
 def test_bad_plateau_and_early_stopping_values_name_the_field(field, value):
     config = schedule_config(**{field: value})
     with pytest.raises(ValueError, match=f"config.{field} "):
-        train.check_tracker_config(config)
+        check_tracker_config(config)
     with pytest.raises(ValueError, match=f"config.{field} "):
-        train.update_tracker(experiment.init_tracker(), 0.5, config)
+        update_tracker(experiment.init_tracker(), 0.5, config)
 
 
 def test_bfloat16_training_steps_keep_float32_state_and_follow_float32(synthetic_data_dir):
@@ -401,7 +403,7 @@ def test_resume_in_the_middle_of_reduce_on_plateau_continues_the_same_run(
     config = tiny_config(synthetic_data_dir, **options)
     replayed = experiment.init_tracker()
     for step in (2, 4, 6, 8):  # the tracker is what the evaluations say
-        replayed = train.update_tracker(replayed, eval_miou(tmp_path / "straight", step),
+        replayed = update_tracker(replayed, eval_miou(tmp_path / "straight", step),
                                         config)
     assert float(replayed["lr_scale"]) == 0.5 and int(replayed["cooldown_count"]) == 1
     assert_trees_equal(jax.device_get(straight.tracker), replayed)
@@ -430,7 +432,7 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(synthetic_data_dir, 
             break
     assert stop is not None and int(state.step) == stop < 50
     assert not os.path.exists(tmp_path / "eval" / f"validation-{stop + 2}.json")
-    checkpointer = train.checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    checkpointer = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
     assert checkpointer.latest_step() == stop
     assert checkpointer.best_step() == max(history, key=history.get)
     assert checkpointer.normalisation(stop) == {"mean": list(config.dataset.mean),
@@ -486,8 +488,8 @@ def test_pretrained_encoder_weights_and_their_normalisation_are_used(synthetic_d
     source, state_dict = encoder_weights("resnet18", 4)
     np.savez(tmp_path / "resnet18.npz", **state_dict)
     converted = str(tmp_path / "converted.npz")
-    import_weights.main([str(tmp_path / "resnet18.npz"), converted, "--mean", "0.4", "0.5",
-                         "0.6", "--std", "0.1", "0.2", "0.3"])
+    import_weights.convert(str(tmp_path / "resnet18.npz"), converted, mean=(0.4, 0.5, 0.6),
+                           std=(0.1, 0.2, 0.3))
     config = test_models.get_config("deeplabv3plus")
     config.dataset.data_dir = synthetic_data_dir
     config.model.pretrained = converted
@@ -497,10 +499,10 @@ def test_pretrained_encoder_weights_and_their_normalisation_are_used(synthetic_d
     state = train.train_and_evaluate(config, workdir)
     # A zero learning rate leaves the imported encoder weights exactly as loaded.
     assert_trees_equal(jax.device_get(state.params["encoder"]), source["params"])
-    saved = train.load_config(workdir)
+    saved = workdir_lib.load_config(workdir)
     assert tuple(saved.dataset.mean) == (0.4, 0.5, 0.6)
     assert tuple(saved.dataset.std) == (0.1, 0.2, 0.3)
-    checkpointer = train.checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert checkpointer.normalisation(2) == {"mean": [0.4, 0.5, 0.6], "std": [0.1, 0.2, 0.3]}
 
 

@@ -74,6 +74,14 @@ DATASETS: dict[str, DatasetMetadata] = {
             builder="datasets.synthetic.synthetic_dataset_builder:Builder",
             needs_manual_dir=False,
         ),
+        # A binary stand-in for xView2 (same classes and palette) that needs no download.
+        DatasetMetadata(
+            name="synthetic_footprints",
+            class_names=("background", "building"),
+            palette=((0, 0, 0), (255, 255, 255)),
+            builder="datasets.synthetic_footprints.synthetic_footprints_dataset_builder:Builder",
+            needs_manual_dir=False,
+        ),
         # DeepGlobe's "unknown" class is not evaluated: it becomes the ignore label.
         DatasetMetadata(
             name="deepglobe",
@@ -98,6 +106,14 @@ DATASETS: dict[str, DatasetMetadata] = {
             class_names=("background", "building", "woodland", "water", "road"),
             palette=((0, 0, 0), (97, 74, 74), (38, 115, 0), (0, 197, 255), (207, 207, 207)),
             builder="datasets.landcoverai.landcoverai_dataset_builder:Builder",
+        ),
+        # xView2 footprints: building = pre-disaster target > 0. Every pixel is labelled,
+        # so no pixel carries the ignore label; white on black, as footprint masks are drawn.
+        DatasetMetadata(
+            name="xview2",
+            class_names=("background", "building"),
+            palette=((0, 0, 0), (255, 255, 255)),
+            builder="datasets.xview2.xview2_dataset_builder:Builder",
         ),
     ]
 }

@@ -1,8 +1,13 @@
 """Prepared datasets as random-access sequences of examples, without TensorFlow.
 
-``open_split(name, split, data_dir)`` is the one way lcseg reads a dataset: it prepares
-the dataset if needed (the synthetic one always can; the real ones need their
-downloaded archives in ``manual_dir``), then returns a sequence whose items are
+Two steps, each named for what it does:
+
+* ``prepare_dataset(name, data_dir, manual_dir)`` builds the TFDS dataset unless it is
+  already there (the synthetic one always can; the real ones need their downloaded
+  archives in ``manual_dir``). Commands call it first (``python -m lcseg.prepare`` does
+  nothing else).
+* ``open_split(name, split, data_dir)`` opens a split of a prepared dataset (never
+  building one) as a sequence whose items are
 
     {'image': uint8 HxWx3, 'label': uint8 HxW, 'id': str, ...dataset extras}
 
@@ -24,17 +29,17 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from lcseg.data.metadata import DatasetMetadata, get_metadata
-from lcseg.data.tfds_builder import TRAIN_COUNTS_KEY
 
 
-def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+def dataset_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of dataset ``name`` in ``data_dir`` (prepared or not)."""
     meta = get_metadata(name)
     # None means the TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets.
     return meta.builder_class()(data_dir=os.path.expanduser(data_dir) if data_dir else None)
 
 
-def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None
-            ) -> tfds.core.DatasetBuilder:
+def prepare_dataset(name: str, data_dir: str | None = None, manual_dir: str | None = None
+                    ) -> tfds.core.DatasetBuilder:
     """Prepares dataset ``name`` in ``data_dir`` unless it is already there.
 
     Args:
@@ -46,7 +51,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
       The prepared builder.
     """
     meta = get_metadata(name)
-    builder = _builder(name, data_dir)
+    builder = dataset_builder(name, data_dir)
     if builder.is_prepared():
         return builder
     if meta.needs_manual_dir and not manual_dir:
@@ -106,20 +111,27 @@ class ExampleSource(Sequence):
         return f"ExampleSource({self.metadata.name}/{self.split}, {len(self)} examples)"
 
 
-def open_split(name: str, split: str, data_dir: str | None = None, *,
-               manual_dir: str | None = None) -> ExampleSource:
-    """Returns the examples of ``split`` of dataset ``name``, preparing it if needed.
+def open_split(name: str, split: str, data_dir: str | None = None) -> ExampleSource:
+    """Returns the examples of ``split`` of the prepared dataset ``name``.
 
     Args:
       name: dataset registry name, e.g. ``'synthetic'``.
       split: split name, e.g. ``'train'``, ``'validation'``, ``'test'``.
       data_dir: TFDS data directory; None for the TFDS default.
-      manual_dir: downloaded archives, used only if the dataset must be prepared.
 
     Returns:
       A sequence of ``{'image': uint8 HxWx3, 'label': uint8 HxW, 'id': str, ...}``.
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared in ``data_dir`` (``prepare_dataset``).
+      ValueError: no such dataset or split.
     """
-    builder = prepare(name, data_dir, manual_dir)
+    builder = dataset_builder(name, data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"Dataset {name!r} is not prepared in {builder.data_dir!s}: run `python -m "
+            f"lcseg.prepare {name} --data_dir DATA_DIR` (with --manual_dir DOWNLOADS for a "
+            f"real dataset) first.")
     aliases = getattr(builder, "SPLIT_ALIASES", {})
     available = sorted({*builder.info.splits.keys(), *aliases})
     if split not in available:
@@ -128,13 +140,3 @@ def open_split(name: str, split: str, data_dir: str | None = None, *,
         split=aliases.get(split, split),
         decoders={name: tfds.decode.SkipDecoding() for name in _IMAGE_FEATURES})
     return ExampleSource(data_source, get_metadata(name), split)
-
-
-def train_class_counts(name: str, data_dir: str | None = None) -> np.ndarray:
-    """Per-class label pixel counts of the training split, recorded at preparation."""
-    builder = _builder(name, data_dir)
-    counts = builder.info.metadata.get(TRAIN_COUNTS_KEY) if builder.info.metadata else None
-    if counts is None:
-        raise ValueError(f"Dataset {name!r} in {builder.data_dir!s} records no class counts; "
-                         "prepare it again with this version of lcseg.")
-    return np.asarray(counts, np.int64)

@@ -18,11 +18,22 @@ Registered models (``MODELS``; options with their defaults from ``model_options(
   ``output_stride``, ``layout`` ('standard' | 'smp'), ``atrous_rates``,
   ``aspp_channels``, ``decoder_channels``, ``low_level_channels``, ``aspp_dropout``,
   ``encoder_width``.
+* ``swin_fpn``: an FPN and a light head on any backbone (``lcseg.models.fpn``; SwinV2-B
+  by default, the LandCover.ai hackathon system): ``backbone``, ``fpn_channels``,
+  ``stages``, ``head_channels``, ``backbone_options``.
+* ``hypercolumn``: the zoom-out classifier of Mostajabi et al. on VGG16
+  (``lcseg.models.hypercolumn``): ``layers`` ('all' | 'pool'), ``hidden``, ``dropout``;
+  it also classifies sampled pixels (``config.sampled_pixels``, its stage one).
+
+Backbones (``create_backbone``, ``BACKBONES``: ResNets, SwinV2, VGG16) are a registry of
+their own, in ``lcseg.models.backbones``.
 
 Model-level options (``MODEL_LEVEL_OPTIONS``) belong to the experiment, not the module:
 ``create_model`` accepts and ignores them. ``pretrained`` (a file written by
 ``python -m lcseg.models.import_weights``, or None) is loaded into initialised variables
-with ``load_pretrained``.
+with ``load_pretrained``; ``init_from`` (a training workdir of the same model, or None)
+starts training from that run's best checkpoint (``lcseg.train``; the hypercolumn
+system's stage two starts from stage one).
 """
 
 from __future__ import annotations
@@ -34,14 +45,18 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lcseg.models.backbones import BACKBONES, create_backbone
 from lcseg.models.deeplab import DeepLabV3Plus
+from lcseg.models.fpn import FPNSegmenter
+from lcseg.models.hypercolumn import Hypercolumn
 from lcseg.models.pretrained import load_pretrained, pretrained_normalisation
 from lcseg.models.summary import count_parameters, summary
 from lcseg.models.unet import UNET_PRESETS, UNet
 from lcseg.models.unetpp import UNetPlusPlus
 
-__all__ = ["MODELS", "MODEL_LEVEL_OPTIONS", "ModelSpec", "count_parameters", "create_model",
-           "load_pretrained", "model_options", "pretrained_normalisation", "summary"]
+__all__ = ["BACKBONES", "MODELS", "MODEL_LEVEL_OPTIONS", "ModelSpec", "count_parameters",
+           "create_backbone", "create_model", "load_pretrained", "model_options",
+           "pretrained_normalisation", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +72,25 @@ MODELS: dict[str, ModelSpec] = {
     **{name: ModelSpec(UNet, preset) for name, preset in UNET_PRESETS.items()},
     "unetpp": ModelSpec(UNetPlusPlus),
     "deeplabv3plus": ModelSpec(DeepLabV3Plus),
+    "swin_fpn": ModelSpec(FPNSegmenter),
+    "hypercolumn": ModelSpec(Hypercolumn),
 }
 
 # config.model keys that are not module attributes; create_model drops them.
-MODEL_LEVEL_OPTIONS = ("pretrained",)
+MODEL_LEVEL_OPTIONS = ("pretrained", "init_from")
 # Attributes create_model sets itself (or Flax owns).
 _RESERVED = ("parent", "name", "num_classes", "dtype")
+
+
+def _from_config(value: Any) -> Any:
+    """A config value as a module attribute: lists -> tuples, ConfigDicts -> dicts."""
+    if isinstance(value, list):
+        return tuple(_from_config(v) for v in value)
+    if hasattr(value, "to_dict"):
+        return {k: _from_config(v) for k, v in value.to_dict().items()}
+    if isinstance(value, dict):
+        return {k: _from_config(v) for k, v in value.items()}
+    return value
 
 
 def _spec(name: str) -> ModelSpec:
@@ -112,6 +140,7 @@ def create_model(name: str, *, num_classes: int, dtype: jnp.dtype = jnp.float32,
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for model {name!r} in config.model; "
                          f"valid: {sorted(valid)}")
-    # Configs hold lists (ml_collections turns tuples into lists on the command line).
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    # Configs hold lists (ml_collections turns tuples into lists on the command line) and
+    # ConfigDicts (e.g. swin_fpn's backbone_options); modules take tuples and dicts.
+    options = {k: _from_config(v) for k, v in options.items()}
     return spec.module(num_classes=num_classes, dtype=dtype, **spec.fixed, **options)

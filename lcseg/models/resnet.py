@@ -29,13 +29,18 @@ stage (strides 4, 8, 16, 32 at output stride 32).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from lcseg.models.layers import HE_INIT, batch_norm
+from lcseg.models.torch_checkpoint import hwio, module_path
 
 # Name -> (blocks per stage, bottleneck blocks).
 RESNETS: dict[str, tuple[tuple[int, ...], bool]] = {
@@ -177,3 +182,72 @@ def resnet(name: str, *, output_stride: int = 32, dilation_style: str = "torchvi
     stage_sizes, bottleneck = RESNETS[name]
     return ResNet(stage_sizes, bottleneck, output_stride, dilation_style, base_width, dtype,
                   name=module_name)
+
+
+# ---------------------------------------------------------------------------------------
+# torchvision's state dict in this layout (``lcseg.models.pretrained`` uses it).
+# ---------------------------------------------------------------------------------------
+
+_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+# The first convolution's kernel, adapted to the input's band count when loading.
+INPUT_KERNEL = ("conv1", "kernel")
+
+
+def is_torch_resnet(state_dict: Mapping[str, np.ndarray]) -> bool:
+    """Whether a state dict looks like a torchvision ResNet (a 4-D ``conv1.weight``)."""
+    return np.ndim(state_dict.get("conv1.weight")) == 4 and "layer1.0.conv1.weight" in state_dict
+
+
+def describe_torch_resnet(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The architecture a torchvision ResNet state dict belongs to (``resnet50``, ...)."""
+    stage_sizes = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{s}.")})
+                        for s in range(1, 5))
+    bottleneck = any(".conv3." in k for k in state_dict)
+    width = state_dict["conv1.weight"].shape[0]
+    name = next((name for name, spec in RESNETS.items() if spec == (stage_sizes, bottleneck)),
+                f"resnet(stage_sizes={stage_sizes}, bottleneck={bottleneck})")
+    return name if width == 64 else f"{name}, base_width={width}"
+
+
+def resnet_from_torch(state_dict: Mapping[str, np.ndarray]
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A torchvision ResNet state dict as this module's ``(params, batch_stats)``.
+
+    Kernels are transposed from OIHW to HWIO; BatchNorm ``weight``/``bias`` become
+    ``scale``/``bias``, ``running_mean``/``running_var`` ``mean``/``var``; the ImageNet
+    classifier ``fc`` is dropped.
+
+    Args:
+      state_dict: ``{torch name: array}`` (``lcseg.models.torch_checkpoint.read_state_dict``).
+
+    Returns:
+      ``(params, batch_stats)`` nested dicts of float32 arrays.
+
+    Raises:
+      ValueError: the state dict is not a torchvision ResNet (unknown keys are listed).
+    """
+    if np.ndim(state_dict.get("conv1.weight")) != 4:
+        raise ValueError("Not a torchvision ResNet state dict: no 4-D 'conv1.weight'; keys "
+                         f"start with {sorted(state_dict)[:5]}")
+    trees: dict[str, dict] = {"params": {}, "batch_stats": {}}
+    unknown = []
+    for name, value in state_dict.items():
+        module, _, leaf = name.rpartition(".")
+        if name.startswith("fc.") or leaf == "num_batches_tracked":
+            continue  # The ImageNet classifier; a counter Flax does not keep.
+        value = np.asarray(value, np.float32)
+        if not re.fullmatch(r"(conv1|bn1|layer\d\.\d+\.(conv\d|bn\d|downsample\.[01]))",
+                            module):
+            unknown.append(name)
+        elif leaf == "weight" and value.ndim == 4:
+            trees["params"][(*module_path(module), "kernel")] = hwio(value)
+        elif leaf in _BN_LEAVES and value.ndim == 1:
+            collection, flax_leaf = _BN_LEAVES[leaf]
+            trees[collection][(*module_path(module), flax_leaf)] = value
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"Not a torchvision ResNet state dict: unexpected key(s) {unknown}")
+    return (traverse_util.unflatten_dict(trees["params"]),
+            traverse_util.unflatten_dict(trees["batch_stats"]))

@@ -40,6 +40,9 @@ XLA:CPU computes bfloat16 convolutions in float32).
 inside it (parameters unchanged) to these ops; :func:`fast_apply` wraps a model's
 ``apply`` in it; :func:`should_use_fast_conv` resolves the ``'auto' | 'on' | 'off'``
 config switch ('auto': on the CPU backend only; GPUs keep cuDNN through XLA).
+
+Why one module of ~530 lines: it is one custom_vjp (forward, input gradient, weight
+gradient and the transposed-convolution shortcut) whose parts are only correct together.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Synthetic building-footprint scenes (no download needed)."""
