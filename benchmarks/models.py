@@ -5,12 +5,13 @@
 One row per registered model at its defaults (``unet`` is the milesial U-Net; the Cai &
 Zhang presets; ``unetpp`` on ResNet-34; ``deeplabv3plus`` on ResNet-50 at output stride
 16) plus ``deeplabv3plus_smp`` (segmentation_models_pytorch's layout on ResNet-34, the
-22,438,485-parameter model of Cai & Zhang). Each row runs in its own subprocess, so that
-its peak memory is its own. There the model is built by ``lcseg.experiment.Experiment``
-exactly as training builds it (configs/default.py with ``config.model`` replaced), and
-the compiled train step (forward, loss, backward, optimizer) and inference step (forward
-and argmax) are timed on random batches after a compiling call: the median of
-``--steps`` calls, each waited for.
+22,438,485-parameter model of Cai & Zhang), ``swin_fpn`` on SwinV2-T and -B (the
+LandCover.ai hackathon system) and ``hypercolumn`` (VGG16, all 13 layers). Each row runs
+in its own subprocess, so that its peak memory is its own. There the model is built by
+``lcseg.experiment.Experiment`` exactly as training builds it (configs/default.py with
+``config.model`` replaced), and the compiled train step (forward, loss, backward,
+optimizer) and inference step (forward and argmax) are timed on random batches after a
+compiling call: the median of ``--steps`` calls, each waited for.
 
 Columns: images/s of training and of inference, XLA's own analysis of the train step
 (GFLOP per image, temporary buffers i.e. activations kept for the backward pass plus
@@ -59,6 +60,10 @@ ROWS = {
     "unetpp": dict(name="unetpp"),
     "deeplabv3plus": dict(name="deeplabv3plus"),
     "deeplabv3plus_smp": dict(name="deeplabv3plus", layout="smp", encoder="resnet34"),
+    # The LandCover.ai hackathon system (SwinV2-B) and its small sibling.
+    "swin_fpn_t": dict(name="swin_fpn", backbone="swin_v2_t"),
+    "swin_fpn_b": dict(name="swin_fpn", backbone="swin_v2_b"),
+    "hypercolumn": dict(name="hypercolumn"),
 }
 
 
@@ -101,7 +106,9 @@ def benchmark_row(row: str) -> dict:
     if FLAGS.tiny:
         from configs.test_models import TINY_MODELS
 
-        config.model = ml_collections.ConfigDict(TINY_MODELS[row])
+        # A row without a tiny entry of its own takes its model's.
+        config.model = ml_collections.ConfigDict(
+            TINY_MODELS.get(row, TINY_MODELS.get(ROWS[row]["name"])))
     else:
         config.model = ml_collections.ConfigDict(ROWS[row])
     config.batch_size = config.eval_batch_size = FLAGS.batch

@@ -58,8 +58,7 @@ def get_config():
     config.plateau_patience = 2  # Halve the lr at the third evaluation without progress.
     config.plateau_factor = 0.5
     config.early_stopping_patience = 10
-    config.loss = {"cross_entropy": 1.0}
-    config.loss_options = None
+    config.loss = {"cross_entropy": {"weight": 1.0, "label_smoothing": 0.1}}
     config.class_weights = "inverse"
     config.batch_size = 16
     config.grad_accum_steps = 2

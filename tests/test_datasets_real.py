@@ -147,7 +147,8 @@ def test_deepglobe_too_few_labelled_images(tmp_path):
     result = run_python(["-m", "lcseg.prepare", *argv], check=False)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("lcseg.prepare: error:")]
     assert len(errors) == 1 and "lists 2 labelled" in errors[0], result.stderr
     assert _files(data_dir) == []
 

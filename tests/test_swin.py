@@ -229,3 +229,17 @@ def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
     assert np.all(per_sample == per_sample[:, :1])  # one decision per sample
     assert set(np.unique(out)) == {0.0, np.float32(1 / 0.75)}
     assert 0.15 < np.mean(per_sample[:, 0] == 0) < 0.35
+
+
+def test_gradients_are_finite_where_windows_are_padded():
+    # 36x20 px: every stage is padded to whole windows, and padded tokens' keys are
+    # exactly zero (the key bias is zeroed), where a plain norm's gradient is NaN.
+    model = SwinV2(embed_dim=8, depths=(1, 2, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
+    x = jnp.asarray(images(2, 36, 20).transpose(0, 2, 3, 1))
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss(params):
+        return sum(jnp.sum(f.astype(jnp.float32) ** 2) for f in model.apply({"params": params}, x))
+
+    grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from lcseg.data.metadata import IGNORE_LABEL, get_metadata
-from lcseg.data.tfds_builder import LandCoverBuilder
+from lcseg.data.tfds_builder import GeneratedBuilder
 
 SCENE_SIZE = 128
 SPLIT_SIZES = {"train": 480, "validation": 48, "test": 48}
@@ -132,7 +132,7 @@ def generate_scene(split: str, index: int, size: int = SCENE_SIZE) -> dict[str, 
     return {"image": np.clip(image, 0, 255).astype(np.uint8), "label": label}
 
 
-class Builder(LandCoverBuilder):
+class Builder(GeneratedBuilder):
     """Synthetic land-cover scenes (6 classes, 128x128, clouds ignored)."""
 
     name = "lcseg_synthetic"
@@ -140,13 +140,5 @@ class Builder(LandCoverBuilder):
     RELEASE_NOTES = {"1.0.0": "First release."}
     METADATA = get_metadata("synthetic")
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager  # Nothing to download.
-        return {split: self._encoded(split, self._generate_examples(split))
-                for split in SPLIT_SIZES}
-
-    def _generate_examples(self, split: str):
-        for index in range(SPLIT_SIZES[split]):
-            scene = generate_scene(split, index)
-            example_id = f"{split}_{index:04d}"
-            yield example_id, {"id": example_id, **scene}
+    SPLIT_SIZES = SPLIT_SIZES
+    generate_scene = staticmethod(generate_scene)

@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from lcseg.data.metadata import get_metadata
-from lcseg.data.tfds_builder import LandCoverBuilder
+from lcseg.data.tfds_builder import GeneratedBuilder
 
 SCENE_SIZE = 64
 # Small on purpose: preparing the whole dataset takes about a second.
@@ -165,7 +165,7 @@ def generate_scene(split: str, index: int, size: int = SCENE_SIZE) -> dict[str, 
     return {"image": np.clip(image, 0, 255).astype(np.uint8), "label": label}
 
 
-class Builder(LandCoverBuilder):
+class Builder(GeneratedBuilder):
     """Synthetic building footprints (background/building, 64x64, ~5-10% buildings)."""
 
     name = "lcseg_synthetic_footprints"
@@ -173,13 +173,5 @@ class Builder(LandCoverBuilder):
     RELEASE_NOTES = {"1.0.0": "First release."}
     METADATA = get_metadata("synthetic_footprints")
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager  # Nothing to download.
-        return {split: self._encoded(split, self._generate_examples(split))
-                for split in SPLIT_SIZES}
-
-    def _generate_examples(self, split: str):
-        for index in range(SPLIT_SIZES[split]):
-            scene = generate_scene(split, index)
-            example_id = f"{split}_{index:04d}"
-            yield example_id, {"id": example_id, **scene}
+    SPLIT_SIZES = SPLIT_SIZES
+    generate_scene = staticmethod(generate_scene)

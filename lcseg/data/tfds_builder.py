@@ -15,7 +15,7 @@ dataset info (``info.metadata['class_pixel_counts']``), which class weighting re
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -96,3 +96,26 @@ class LandCoverBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if counting:
             previous = self.info.metadata.get(TRAIN_COUNTS_KEY, [0] * len(counts))
             self.info.metadata[TRAIN_COUNTS_KEY] = (counts + np.asarray(previous)).tolist()
+
+
+class GeneratedBuilder(LandCoverBuilder, skip_registration=True):
+    """A dataset generated from ``(split, index)``, with nothing to download.
+
+    Subclasses set ``SPLIT_SIZES`` (examples per split) and ``generate_scene(split, index)``
+    (a ``{'image', 'label'}`` dict of numpy arrays, deterministic); examples are named
+    ``<split>_<index:04d>``.
+    """
+
+    SPLIT_SIZES: Mapping[str, int]
+    generate_scene: Callable[[str, int], dict[str, np.ndarray]]
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # Nothing to download.
+        return {split: self._encoded(split, self._generate_examples(split))
+                for split in self.SPLIT_SIZES}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for index in range(self.SPLIT_SIZES[split]):
+            scene = type(self).generate_scene(split, index)
+            example_id = f"{split}_{index:04d}"
+            yield example_id, {"id": example_id, **scene}

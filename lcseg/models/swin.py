@@ -217,7 +217,10 @@ class WindowAttentionV2(nn.Module):
 
         def normalize(t):  # F.normalize: t / max(||t||, 1e-12), in float32.
             t = t.astype(jnp.float32)
-            return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+            # sqrt(max(|t|^2, 1e-24)), not max(norm(t), 1e-12): the same values, but
+            # norm's gradient is NaN at zero, and padded tokens' keys are exactly zero
+            # (torchvision zeroes the key bias).
+            return t / jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=-1, keepdims=True), 1e-24))
 
         logits = jnp.einsum("bhqd,bhkd->bhqk", normalize(q), normalize(k),
                             precision=jax.lax.Precision.HIGHEST)
