@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcseg.models.layers import LECUN_INIT, _linear_indices, pad_to_multiple, resize_bilinear
+from lcseg.models.layers import LECUN_INIT, linear_indices, pad_to_multiple, resize_bilinear
 from lcseg.models.vgg import VGG16
 
 LAYERS = ("all", "pool")
@@ -98,7 +98,7 @@ def _sample_bilinear(x: jax.Array, pixels: jax.Array, size: tuple[int, int]) -> 
     """
     tables = []
     for axis, size_out in ((1, size[0]), (2, size[1])):
-        lower, upper, weight = _linear_indices(x.shape[axis], size_out, False)
+        lower, upper, weight = linear_indices(x.shape[axis], size_out, False)
         coordinate = pixels[..., axis - 1]
         tables.append((jnp.asarray(lower)[coordinate], jnp.asarray(upper)[coordinate],
                        jnp.asarray(weight, x.dtype)[coordinate][..., None]))
@@ -113,7 +113,7 @@ def _sample_bilinear(x: jax.Array, pixels: jax.Array, size: tuple[int, int]) -> 
 
 def _interpolation_matrix(size_in: int, size_out: int) -> np.ndarray:
     """``[size_out, size_in]`` matrix of ``resize_bilinear``'s 1-D map (two taps a row)."""
-    lower, upper, weight = _linear_indices(size_in, size_out, False)
+    lower, upper, weight = linear_indices(size_in, size_out, False)
     matrix = np.zeros((size_out, size_in), np.float32)
     rows = np.arange(size_out)
     np.add.at(matrix, (rows, lower), 1 - weight)

@@ -111,8 +111,8 @@ def pad_to_multiple(images: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
 
 
-def _linear_indices(size_in: int, size_out: int, align_corners: bool
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def linear_indices(size_in: int, size_out: int, align_corners: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and weights of 1-D linear interpolation, PyTorch's conventions."""
     if align_corners:
         scale = (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
@@ -147,7 +147,7 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], *,
         size_in = x.shape[axis]
         if size_in == size_out:
             continue
-        lower, upper, weight = _linear_indices(size_in, size_out, align_corners)
+        lower, upper, weight = linear_indices(size_in, size_out, align_corners)
         shape = [1] * x.ndim
         shape[axis] = size_out
         weight = jnp.asarray(weight.reshape(shape), x.dtype)
