@@ -23,11 +23,27 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from lcseg import optim
 from lcseg.tracker import upgrade_tracker
 
 BEST_METRIC = "miou"
+
+# Orbax's default "replica-parallel" save (on every platform but JAX_PLATFORMS=gpu/cuda)
+# cuts each replicated array into one slice per replica with an eagerly dispatched
+# ``jax.lax.slice_in_dim``: one XLA compilation per distinct array shape, on each
+# process's first save, blocking the training loop (52 s for 350 parameter shapes on 4
+# CPU devices; ``python benchmarks/checkpoint_save.py``). It pays off for huge sharded
+# models; lcseg's parameters are replicated and at most a few hundred MB, so each array
+# is written whole from its first replica instead (by the process that holds it).
+# Otherwise Orbax's default handler: its array metadata store is what restores PRNG keys
+# as keys (Orbax exports no public name for it).
+ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                   array_metadata_store=array_metadata_store.Store()),
+    override=True)
 
 
 class Checkpointer:

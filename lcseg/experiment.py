@@ -101,10 +101,14 @@ def create_train_state(config: ml_collections.ConfigDict, model, mesh) -> TrainS
         apply_fn = model.apply
         if should_use_fast_conv(config.fast_conv):
             apply_fn = fast_apply(apply_fn)  # Same parameters and results, faster backward.
-        return TrainState.create(
+        state = TrainState.create(
             apply_fn=apply_fn, params=params, tx=optim.build_optimizer(config),
             batch_stats=variables.get("batch_stats", {}), rng=state_rng,
             ema_params=params if config.ema_decay > 0 else None, tracker=init_tracker())
+        # flax starts the step at Python 0, a weakly typed int32 here; a restored
+        # checkpoint's step is strongly typed, and the train step of a fresh state would be
+        # another program than a resumed one's: compiled twice when one process has both.
+        return state.replace(step=jnp.zeros((), jnp.int32))
 
     return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
 

@@ -1,16 +1,37 @@
 """Shared test setup: 4 fake CPU devices, parsed absl flags, one prepared synthetic dataset."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
-import jax
-import pytest
-from absl import flags
+# One persistent XLA compilation cache for the whole session, this process and every
+# process the tests start (they inherit the environment): the suite compiles the same
+# tiny models' steps many times over (each Experiment jits afresh, each main.py run is a
+# new process), and on 2 CPU cores compilation is most of the suite's time. Executables
+# are keyed by their program, compile options and devices, so a hit is the same program;
+# host-callback programs are never cached. Set before jax is imported, which reads them.
+# A child process that imports this module (a spawned worker) keeps its parent's cache.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _XLA_CACHE_DIR = tempfile.mkdtemp(prefix="lcseg-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE_DIR
+    _CREATOR = os.getpid()
+    # Only the creating process removes it (forked children inherit atexit handlers).
+    atexit.register(lambda: os.getpid() == _CREATOR and shutil.rmtree(_XLA_CACHE_DIR, True))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
 
 # Four CPU devices in this process, so data-parallel code paths run for real. Subprocesses
 # started by tests get their own count (one unless they say otherwise).
 jax.config.update("jax_num_cpu_devices", 4)
+# (In case a plugin imported jax before the environment above was set.)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 # XLA:CPU compiles threefry's parameter initialisation slowly (seconds per model); the
 # 'rbg' generator compiles in a fraction of that. Tests compare runs with each other, not
 # with fixed random values, so the generator does not matter to what they check.

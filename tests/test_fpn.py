@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # a test-only dependency (requirements-dev.txt)
-from jax.experimental.compilation_cache import compilation_cache as compilation_cache_module
 
 from configs import test_models
 from lcseg import evaluate, predict, preemption, train
@@ -214,22 +213,7 @@ def fpn_config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module's runs: the three training runs (and the
-    evaluation) compile the same programs, which on a shared CPU takes most of their time."""
-    saved = {name: getattr(jax.config, name) for name in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    compilation_cache_module.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache_module.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def fpn_workdir(synthetic_data_dir, tmp_path_factory, compilation_cache):
+def fpn_workdir(synthetic_data_dir, tmp_path_factory):
     """The uninterrupted tiny swin_fpn run."""
     workdir = str(tmp_path_factory.mktemp("fpn_run"))
     train.train_and_evaluate(fpn_config(synthetic_data_dir), workdir)

@@ -161,7 +161,7 @@ def test_torchvision_vgg16_weights_load_into_the_hypercolumn_encoder(tmp_path):
     weights = import_weights.convert(str(tmp_path / "vgg16-397923af.pth"), converted)
     assert weights.arch == "vgg16"
     model = create_model("hypercolumn", num_classes=2, layers="pool", hidden=8)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     loaded, normalisation = load_pretrained(variables, converted)
     assert normalisation == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     for index in (0, 2, 28):
