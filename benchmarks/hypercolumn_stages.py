@@ -21,7 +21,6 @@ is what the batch scales, so images/s carries over.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 
@@ -31,6 +30,9 @@ from absl import app, flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import median_seconds_per_step  # noqa: E402
 
 from configs import hypercolumn_xview2_stage1, hypercolumn_xview2_stage2  # noqa: E402
 from lcseg import parallel  # noqa: E402
@@ -48,8 +50,8 @@ flags.DEFINE_bool("half_precision", False,
 flags.DEFINE_list("stages", ["one", "two"], "Stages to time: one, two or both.")
 
 BUILDING_FRACTION = 0.05  # xView2's pre-disaster footprints (datasets/xview2/README.md)
-STAGES = {"one": hypercolumn_xview2_stage1, "two": hypercolumn_xview2_stage2}
-STAGE_LABELS = {"one": "one (sampled pixels)", "two": "two (dense)"}
+STAGES = {"one": ("one (sampled pixels)", hypercolumn_xview2_stage1),
+          "two": ("two (dense)", hypercolumn_xview2_stage2)}
 
 
 def xview2_like_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -82,16 +84,15 @@ def measure(config) -> dict[str, float]:
     compile_seconds = time.perf_counter() - start
     temp_bytes = step.memory_analysis().temp_size_in_bytes
 
-    state, metrics = step(state, batch)  # warm-up
-    jax.block_until_ready(metrics)
-    timings = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        for _ in range(FLAGS.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        timings.append((time.perf_counter() - start) / FLAGS.steps)
-    return {"seconds": statistics.median(timings), "temp_gib": temp_bytes / 2**30,
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    jax.block_until_ready(one_step())  # Warm-up.
+    seconds = median_seconds_per_step(one_step, FLAGS.steps, FLAGS.repeats)
+    return {"seconds": seconds, "temp_gib": temp_bytes / 2**30,
             "compile": compile_seconds}
 
 
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.stages) - set(STAGES))
     if unknown:
         raise app.UsageError(f"--stages: unknown {unknown}; valid: {list(STAGES)}")
-    rows = {name: measure(stage_config(STAGES[name])) for name in FLAGS.stages}
+    rows = {name: measure(stage_config(STAGES[name][1])) for name in FLAGS.stages}
     devices = jax.devices()
     print(f"Hypercolumn stages, layers={FLAGS.layers}, hidden {FLAGS.hidden}, frozen VGG16, "
           f"batch {FLAGS.batch} of {FLAGS.size}x{FLAGS.size}, "
@@ -112,7 +113,7 @@ def main(argv: list[str]) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
         seconds = row["seconds"]
-        print(f"| {STAGE_LABELS[name]} | {1 / seconds:.3g} | {FLAGS.batch / seconds:.3g} | "
+        print(f"| {STAGES[name][0]} | {1 / seconds:.3g} | {FLAGS.batch / seconds:.3g} | "
               f"{seconds:.3g} | {row['temp_gib']:.2f} | {row['compile']:.0f} |")
     if len(rows) == 2:
         print()

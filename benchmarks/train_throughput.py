@@ -11,9 +11,7 @@ timings; device placement and sharding are exactly as in training.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -21,6 +19,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import median_seconds_per_step  # noqa: E402
 
 from lcseg import parallel  # noqa: E402
 from lcseg.experiment import Experiment  # noqa: E402
@@ -35,18 +36,6 @@ flags.mark_flags_as_required(["config"])
 def random_batch(rng: np.random.Generator, batch: int, size: int, num_classes: int):
     return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
             "label": rng.integers(0, num_classes, (batch, size, size), dtype=np.uint8)}
-
-
-def time_steps(step_fn, steps: int, repeats: int) -> float:
-    """Median seconds per step over ``repeats`` runs of ``steps`` (blocking at the end)."""
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            result = step_fn()
-        jax.block_until_ready(result)
-        timings.append((time.perf_counter() - start) / steps)
-    return statistics.median(timings)
 
 
 def main(argv):
@@ -75,8 +64,8 @@ def main(argv):
 
     for fn in (one_train_step, one_eval_step):  # compile and warm up
         jax.block_until_ready(fn())
-    train_seconds = time_steps(one_train_step, FLAGS.steps, FLAGS.repeats)
-    eval_seconds = time_steps(one_eval_step, FLAGS.steps, FLAGS.repeats)
+    train_seconds = median_seconds_per_step(one_train_step, FLAGS.steps, FLAGS.repeats)
+    eval_seconds = median_seconds_per_step(one_eval_step, FLAGS.steps, FLAGS.repeats)
 
     dtype = "bfloat16" if config.half_precision else "float32"
     print(f"model {config.model.name} {tuple(config.model.channels)}: {params:,} parameters, "

@@ -17,9 +17,12 @@ import tempfile
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _XLA_CACHE_DIR = tempfile.mkdtemp(prefix="lcseg-tests-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE_DIR
-    _CREATOR = os.getpid()
-    # Only the creating process removes it (forked children inherit atexit handlers).
-    atexit.register(lambda: os.getpid() == _CREATOR and shutil.rmtree(_XLA_CACHE_DIR, True))
+    _CREATOR_PID = os.getpid()
+
+    @atexit.register
+    def _remove_xla_cache() -> None:
+        if os.getpid() == _CREATOR_PID:  # Forked children inherit atexit handlers.
+            shutil.rmtree(_XLA_CACHE_DIR, ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
