@@ -1,1 +1,3 @@
 """lcseg: land-cover segmentation in JAX/Flax."""
+
+__version__ = "0.1.0"
