@@ -28,7 +28,15 @@ from lcseg.predict.loveda import (
     loveda_test_images,
     write_loveda_submission,
 )
-from lcseg.predict.outputs import BLOCK_SIZE, GDAL_CACHE_MB, PROBABILITY_FORMATS, predict_file
+from lcseg.predict.outputs import (
+    BLOCK_SIZE,
+    GDAL_CACHE_MB,
+    PROBABILITY_FORMATS,
+    TAG_PREFIX,
+    PredictionStopped,
+    predict_file,
+    read_provenance,
+)
 from lcseg.predict.predictor import Predictor, predict_scene
 from lcseg.predict.scenes import (
     GEOTIFF_SUFFIXES,
@@ -59,9 +67,10 @@ from lcseg.predict.windows import (
 __all__ = [
     "BLOCK_SIZE", "GDAL_CACHE_MB", "GEOTIFF_SUFFIXES", "IMAGE_SUFFIXES", "INPUT_SUFFIXES",
     "LOVEDA_SUBMISSION_SIZE", "OUTPUT_SUFFIXES", "PROBABILITY_FORMATS", "STRETCH_MODES",
-    "STRETCH_PERCENTILES", "STRETCH_SAMPLE_PIXELS", "TTA_MODES", "WEIGHT_FLOOR",
-    "ArrayScene", "ImageScene", "Predictor", "RasterScene", "Scene", "as_scene",
-    "file_images", "loveda_test_images", "open_scene", "predict_file", "predict_scene",
-    "reflect_indices", "resolve_inputs", "tta_transforms", "weighted_window_probabilities",
-    "window_starts", "window_weights", "write_loveda_submission",
+    "STRETCH_PERCENTILES", "STRETCH_SAMPLE_PIXELS", "TAG_PREFIX", "TTA_MODES", "WEIGHT_FLOOR",
+    "ArrayScene", "ImageScene", "PredictionStopped", "Predictor", "RasterScene", "Scene",
+    "as_scene", "file_images", "loveda_test_images", "open_scene", "predict_file",
+    "predict_scene", "read_provenance", "reflect_indices", "resolve_inputs",
+    "tta_transforms", "weighted_window_probabilities", "window_starts", "window_weights",
+    "write_loveda_submission",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,22 @@ from lcseg.data.metadata import IGNORE_COLOUR, DatasetMetadata
 from lcseg.polygons import DRIVERS, PolygonWriter
 from lcseg.predict.predictor import Predictor
 from lcseg.predict.scenes import Scene, open_scene
+from lcseg.provenance import KEY_PREFIX
 
 PROBABILITY_FORMATS = ("none", "uint8", "float16")
 # Rows per GeoTIFF write: a multiple of the tile height, so each tile is written once.
 BLOCK_SIZE = 256
 # GDAL's block cache (MB): a band of tiles is all that is reused.
 GDAL_CACHE_MB = 128
+# Provenance tags of the GeoTIFF outputs: ``lcseg_<key>`` (lcseg.provenance's KEY_PREFIX
+# with '_' for ':'): GDAL keeps metadata as NAME=VALUE strings and splits NAME at the first
+# ':' as well as '=', so rasterio (and gdalinfo's consumers) would misread 'lcseg:model'.
+TAG_PREFIX = KEY_PREFIX.replace(":", "_")
+
+
+class PredictionStopped(Exception):
+    """``predict_file`` stopped between row blocks because ``should_stop()`` said so;
+    nothing of the scene was left behind (no partial or temporary file)."""
 
 
 class _BlockWriter:
@@ -90,8 +100,11 @@ class _Outputs:
 
     def __init__(self, scene: Scene, output_dir: Path, stem: str, metadata: DatasetMetadata,
                  probabilities: str, polygons: int | None = None,
-                 polygon_format: str = ".gpkg", polygon_min_area: float = 0.0):
+                 polygon_format: str = ".gpkg", polygon_min_area: float = 0.0,
+                 provenance: Mapping[str, str] | None = None):
         self.scene, self.metadata = scene, metadata
+        self.tags = {f"{TAG_PREFIX}{key}": str(value)
+                     for key, value in (provenance or {}).items()}
         self.probabilities = probabilities
         suffix = ".tif" if scene.geotiff else ".png"
         self.paths = {"classes": output_dir / f"{stem}_classes{suffix}",
@@ -124,6 +137,8 @@ class _Outputs:
         if scene.geotiff:
             profile.update(crs=scene.crs, transform=scene.transform)
         dataset = rasterio.open(self._temporary[key], "w", **profile)
+        if self.tags:
+            dataset.update_tags(**self.tags)
         self._datasets[key] = dataset
         return dataset
 
@@ -190,8 +205,10 @@ class _Outputs:
             colour.putpalette(self.metadata.palette_array().reshape(-1).tolist())
             colour.save(self._temporary["colour"], format="PNG",
                         transparency=self.metadata.ignore_label)
-        for key, path in self.paths.items():
-            os.replace(self._temporary[key], path)
+        # The classes file last: its presence means the scene is complete (a rerun skips
+        # scenes by it).
+        for key in sorted(self.paths, key=lambda key: key == "classes"):
+            os.replace(self._temporary[key], self.paths[key])
         if self._polygons is not None:
             return {**self.paths, "polygons": self._polygon_path}
         return dict(self.paths)
@@ -222,7 +239,8 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
                  *, probabilities: str = "none", bands: Sequence[int] | None = None,
                  stretch: str = "none", polygons: str | None = None,
                  polygon_format: str = "gpkg", polygon_min_area: float = 0.0,
-                 progress: bool = False) -> dict[str, Path]:
+                 progress: bool = False, provenance: Mapping[str, str] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, Path]:
     """Predicts one scene file and writes its outputs (see ``lcseg/predict/__main__.py``).
 
     Args:
@@ -239,9 +257,18 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
       polygon_min_area: drop polygons smaller than this (CRS units squared; pixels for
         plain images).
       progress: show a progress bar (on a terminal).
+      provenance: what made the outputs (``lcseg.provenance.provenance``): written as
+        GeoTIFF tags ``lcseg_<key>`` (``TAG_PREFIX``) on the classes and probabilities GeoTIFFs.
+      should_stop: called between row blocks; when it returns True the scene is
+        abandoned (its temporary files deleted) and ``PredictionStopped`` raised.
 
     Returns:
       ``{'classes': path, 'colour': path[, 'probabilities': path][, 'polygons': path]}``.
+      The classes file is renamed into place last: its presence means the scene is
+      complete.
+
+    Raises:
+      PredictionStopped: ``should_stop()`` returned True.
     """
     if probabilities not in PROBABILITY_FORMATS:
         raise ValueError(f"probabilities must be one of {PROBABILITY_FORMATS}, "
@@ -260,9 +287,13 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
         # Outputs of JPEG / PNG inputs are not georeferenced, as expected.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         outputs = _Outputs(scene, output_dir, path.stem, predictor.metadata, probabilities,
-                           polygon_index, f".{polygon_format}", polygon_min_area)
+                           polygon_index, f".{polygon_format}", polygon_min_area,
+                           provenance)
         try:
             for start, rows in predictor.predict_rows(scene, progress=progress):
+                if should_stop is not None and should_stop():
+                    raise PredictionStopped(f"{path}: stopped before row {start}; nothing "
+                                            "of it was kept.")
                 outputs.add(start, rows)
             written = outputs.finish()
         except BaseException:
@@ -273,3 +304,26 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
                  seconds, scene.width * scene.height / seconds / 1e6,
                  ", ".join(str(p) for p in written.values()))
     return written
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, str] | None:
+    """The provenance tags (``lcseg_<key>``, prefix removed) of a complete output.
+
+    Args:
+      path: a ``<stem>_classes.tif`` (or probabilities GeoTIFF) written by ``predict_file``.
+
+    Returns:
+      ``{key: value}``; None if the file is absent, unreadable or has no lcseg tag.
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as dataset:
+                tags = dataset.tags()
+    except rasterio.errors.RasterioError:
+        return None
+    record = {key[len(TAG_PREFIX):]: value for key, value in tags.items()
+              if key.startswith(TAG_PREFIX)}
+    return record or None
