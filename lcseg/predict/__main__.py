@@ -65,6 +65,32 @@ Input policy:
 * JPEG and PNG are decoded with Pillow, as the dataset builders do (GDAL's JPEG decoder
   gives different pixels); 16-bit PNGs follow the 16-bit policy and are read with GDAL.
 
+A region (many scenes, many processes; the user guide is docs/mapping.md):
+
+* The same command on N processes predicts disjoint shares of the input list (about
+  equal pixel counts, from the file headers), each on all its local devices. The shares
+  come from jax.distributed when it runs (a multi-task SLURM or Open MPI job, or
+  ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, as training
+  starts it), else from ``--shard=I/N``, else from a SLURM job array
+  (``SLURM_ARRAY_TASK_ID`` / ``SLURM_ARRAY_TASK_COUNT``) or a Kubernetes indexed Job
+  (``JOB_COMPLETION_INDEX``, with ``--shard=/N`` or ``--shard_count=N``).
+* Rerunning the same command skips scenes whose outputs are complete and carry the same
+  provenance (lcseg version, model, config hash, checkpoint step and the options that
+  change the outputs: window, overlap, TTA, probabilities, bands, stretch, polygons); a
+  different checkpoint or option predicts them again.
+* SIGTERM, SIGINT or the run's ``config.preemption_signal`` stop between row blocks: the
+  scene in progress leaves nothing behind, finished ones stay, and the exit status is 75
+  (a scheduler can requeue; the rerun goes on where it stopped).
+* A scene that cannot be read or predicted (corrupt, wrong bands) is reported and skipped;
+  the others are done and the exit status is 1 (``--fail_fast``: stop at the first).
+* Each process writes ``lcseg-run-<I>-of-<N>.json`` into ``--output`` (scenes done,
+  skipped as already done, failed with the reason; pixels; seconds), and logs one line
+  per scene (i/N, Mpx/s, ETA).
+* When every share is done (one process, or process 0 of a jax.distributed job), or with
+  ``python -m lcseg.predict --finalize OUTPUT_DIR`` after a job array, the region is
+  written as one product (``lcseg.predict.catalog``): ``mosaic_classes.vrt`` (and
+  ``mosaic_probabilities.vrt``) and a STAC collection ``stac/collection.json``.
+
 ``--loveda_submission out.zip`` writes LoveDA's benchmark submission: one PNG per image of
 the LoveDA test split (or of ``--input``), named exactly as the source file (``3514.png``),
 1024x1024, uint8 class indices 0..6, zipped flat (no folder inside the zip).
@@ -72,19 +98,25 @@ the LoveDA test split (or of ``--input``), named exactly as the source file (``3
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from absl import app, flags, logging
 
-from lcseg import cli
+from lcseg import cli, parallel
 from lcseg.data import get_metadata
+from lcseg.predict import catalog, region
 from lcseg.predict.loveda import file_images, loveda_test_images, write_loveda_submission
-from lcseg.predict.outputs import PROBABILITY_FORMATS, polygon_class, predict_file
+from lcseg.predict.outputs import PROBABILITY_FORMATS, polygon_class
 from lcseg.predict.predictor import Predictor
-from lcseg.predict.scenes import STRETCH_MODES, open_scene, resolve_inputs
+from lcseg.predict.scenes import GEOTIFF_SUFFIXES, STRETCH_MODES, open_scene, resolve_inputs
 from lcseg.predict.windows import TTA_MODES
+from lcseg.preemption import EXIT_STATUS, StopSignal
+from lcseg.provenance import provenance
 from lcseg.workdir import load_config
 
 FLAGS = flags.FLAGS
@@ -120,7 +152,16 @@ flags.DEFINE_string("loveda_submission", None, "Write a LoveDA benchmark submiss
                     "of the test split (or of --input) instead of --output files.")
 flags.DEFINE_string("data_dir", None, "TFDS data dir for --loveda_submission, if not "
                     "the one used for training.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("shard", None, "Predict share I of N of the input list: I/N (0-based); "
+                    "/N takes I from a job array (SLURM_ARRAY_TASK_ID or Kubernetes' "
+                    "JOB_COMPLETION_INDEX). Default: from jax.distributed or a SLURM array.")
+flags.DEFINE_integer("shard_count", None, "The number of shares, for a Kubernetes indexed "
+                     "Job (the same as --shard=/N).")
+flags.DEFINE_bool("fail_fast", False, "Stop at the first scene that cannot be predicted "
+                  "(default: report it, predict the others, exit with status 1).")
+flags.DEFINE_string("finalize", None, "Write the region's mosaics (VRT) and STAC catalog "
+                    "from the complete scenes of this output folder, once every share of "
+                    "a job array is done; nothing is predicted.")
 
 
 def _check_output_names(paths: list[Path]) -> None:
@@ -133,80 +174,202 @@ def _check_output_names(paths: list[Path]) -> None:
         stems[path.stem] = path
 
 
-def run(*, workdir: str, inputs: str | None, output: str | None, checkpoint: str = "best",
-        tta: str = "none", overlap: float = 0.5, window: int | None = None,
-        batch: int | None = None, probabilities: str = "none",
+def _check_options(*, workdir: str | None, checkpoint: str, overlap: float,
+                   window: int | None, batch: int | None, bands: Sequence[Any] | None,
+                   polygons: str | None, polygon_min_area: float) -> None:
+    """Refuses bad flag values before anything is created or loaded (one line each)."""
+    if not workdir:
+        raise ValueError("Give --workdir (the training run to predict with).")
+    if not (checkpoint in ("best", "latest") or str(checkpoint).isdigit()):
+        raise ValueError(f"--checkpoint={checkpoint!r}: give best, latest or a step number.")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"--overlap={overlap}: give a fraction in [0, 1), e.g. 0.5.")
+    if window is not None and window < 1:
+        raise ValueError(f"--window={window}: give a positive number of pixels.")
+    if batch is not None and batch < 1:
+        raise ValueError(f"--batch={batch}: give a positive number of windows.")
+    if bands is not None and (len(bands) != 3
+                              or not all(str(b).strip().isdigit() and int(b) >= 1
+                                         for b in bands)):
+        raise ValueError(f"--bands={','.join(map(str, bands))}: give three 1-based band "
+                         "numbers, e.g. 3,2,1.")
+    if not (math.isfinite(polygon_min_area) and polygon_min_area >= 0):
+        raise ValueError(f"--polygon_min_area={polygon_min_area}: give an area >= 0 (CRS "
+                         "units squared).")
+    if polygon_min_area and polygons is None:
+        raise ValueError("--polygon_min_area applies to --polygons: give --polygons CLASS.")
+
+
+def _precheck(scenes: Sequence[Path], *, bands: Sequence[int] | None, stretch: str,
+              fail_fast: bool) -> dict[Path, str]:
+    """Opens each scene of the share (headers only) before the model is loaded: the reason
+    each unusable one fails; with ``fail_fast`` the first one is an error at once."""
+    failed = {}
+    for path in scenes:
+        try:
+            open_scene(path, bands=bands, stretch=stretch).close()
+        except region.SCENE_ERRORS as error:
+            if fail_fast:
+                raise ValueError(f"{error} (--fail_fast: nothing was predicted)") from None
+            failed[path] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+            logging.error("%s cannot be predicted: %s", path, failed[path])
+    return failed
+
+
+def run(*, workdir: str | None, inputs: str | None, output: str | None,
+        checkpoint: str = "best", tta: str = "none", overlap: float = 0.5,
+        window: int | None = None, batch: int | None = None, probabilities: str = "none",
         bands: Sequence[int] | None = None, stretch: str = "none",
         polygons: str | None = None, polygon_format: str = "gpkg",
         polygon_min_area: float = 0.0, loveda_submission: str | None = None,
-        data_dir: str | None = None, progress: bool = True) -> list[Any]:
+        data_dir: str | None = None, shard: str | None = None,
+        shard_count: int | None = None, fail_fast: bool = False,
+        progress: bool = True) -> region.RunSummary | list[str]:
     """What ``python -m lcseg.predict`` does (see the module docstring).
 
-    Inputs are checked (found, readable, 3 usable 8-bit bands) before the model is loaded,
-    so a bad input fails in seconds.
+    Every flag is checked before anything is created, and the share's inputs (found,
+    readable, 3 usable 8-bit bands) before the model is loaded, so a bad flag or input
+    fails in seconds. Several processes: call ``parallel.initialize_multihost`` first.
 
     Args:
       workdir, inputs, output, checkpoint, tta, overlap, window, batch, probabilities,
         bands, stretch, polygons, polygon_format, polygon_min_area, loveda_submission,
-        data_dir: the command's flags of the same names (``inputs`` is ``--input``).
+        data_dir, shard, shard_count, fail_fast: the command's flags of the same names
+        (``inputs`` is ``--input``).
       progress: show progress bars (on a terminal).
 
     Returns:
-      The per-file output dicts, or the submission's file names.
+      The run summary (also written into ``output``), or the submission's file names.
     """
+    _check_options(workdir=workdir, checkpoint=checkpoint, overlap=overlap, window=window,
+                   batch=batch, bands=bands, polygons=polygons,
+                   polygon_min_area=polygon_min_area)
     if loveda_submission and output:
         raise ValueError("--output and --loveda_submission are separate modes: give one.")
     if not loveda_submission and not (inputs and output):
         raise ValueError("Give --input and --output (or --loveda_submission).")
+    if loveda_submission and (shard or shard_count):
+        raise ValueError("--shard is for --output runs, not --loveda_submission.")
+    distributed = jax.distributed.is_initialized() and jax.process_count() > 1
+    this = region.resolve_shard(
+        shard=shard, shard_count=shard_count,
+        process=(jax.process_index(), jax.process_count()) if distributed else None)
+    config = load_config(workdir)
     if polygons is not None:
         if loveda_submission:
             raise ValueError("--polygons writes files beside --output's: not with "
                              "--loveda_submission.")
-        polygon_class(polygons, get_metadata(load_config(workdir).dataset.name))
+        polygon_class(polygons, get_metadata(config.dataset.name))
     paths = resolve_inputs(inputs) if inputs else []
-    if not loveda_submission:
-        _check_output_names(paths)
-    for path in paths:
-        open_scene(path, bands=bands, stretch=stretch).close()
+    if loveda_submission:
+        for path in paths:
+            open_scene(path, bands=bands, stretch=stretch).close()
+        predictor = Predictor.from_workdir(workdir, checkpoint=checkpoint, window=window,
+                                           batch_size=batch, overlap=overlap, tta=tta)
+        if paths:
+            images = file_images(paths, bands=bands, stretch=stretch)
+        else:
+            images = loveda_test_images(data_dir or config.dataset.data_dir,
+                                        config.dataset.manual_dir)
+        return write_loveda_submission(predictor, loveda_submission, images, progress=progress)
+
+    _check_output_names(paths)
+    scenes, pixels = region.share_of(paths, this)
+    logging.info("Share %d of %d (%s): %d of %d scenes, %.1f of %.1f Mpx", this.index,
+                 this.count, this.source, len(scenes), len(paths),
+                 sum(pixels[p] for p in scenes) / 1e6, sum(pixels.values()) / 1e6)
+    failed = _precheck(scenes, bands=bands, stretch=stretch, fail_fast=fail_fast)
+
     predictor = Predictor.from_workdir(workdir, checkpoint=checkpoint, window=window,
                                        batch_size=batch, overlap=overlap, tta=tta)
     logging.info("Checkpoint step %s, window %d, stride %d, batch %d, TTA %s, %d device(s)",
                  predictor.step, predictor.window, predictor.stride, predictor.batch_size,
                  tta, predictor.mesh.size)
-    if loveda_submission:
-        if paths:
-            images = file_images(paths, bands=bands, stretch=stretch)
-        else:
-            config = load_config(workdir)
-            images = loveda_test_images(data_dir or config.dataset.data_dir,
-                                        config.dataset.manual_dir)
-        return write_loveda_submission(predictor, loveda_submission, images, progress=progress)
-    return [predict_file(predictor, path, output, probabilities=probabilities, bands=bands,
-                         stretch=stretch, polygons=polygons, polygon_format=polygon_format,
-                         polygon_min_area=polygon_min_area, progress=progress)
-            for path in paths]
+    # What changes the outputs (not the batch or the device count: they change how the
+    # windows are grouped, not what is computed for each).
+    record = provenance(config, step=predictor.step, window=predictor.window,
+                        overlap=predictor.overlap, tta=tta, probabilities=probabilities,
+                        bands=",".join(map(str, bands)) if bands else "1,2,3",
+                        stretch=stretch, polygons=polygons or "none",
+                        polygon_format=polygon_format if polygons else "none",
+                        polygon_min_area=polygon_min_area if polygons else 0.0)
+    summary = region.RunSummary(this, record)
+    with StopSignal(config.get("preemption_signal")) as stop:
+        try:
+            region.predict_share(
+                predictor, scenes, output, summary=summary, pixels=pixels, failed=failed,
+                fail_fast=fail_fast, should_stop=lambda: stop.received is not None,
+                probabilities=probabilities, bands=bands, stretch=stretch,
+                polygons=polygons, polygon_format=polygon_format,
+                polygon_min_area=polygon_min_area, progress=progress)
+        finally:
+            if stop.received is not None:
+                summary.stopped = stop.received.name
+            summary_path = summary.write(output)
+    logging.info("Run summary: %s", summary_path)
+    # Every process meets here (a collective when there are several), stopped or not.
+    complete = parallel.all_processes_true(summary.stopped is None)
+    if this.count > 1 and not distributed:
+        logging.info("Share %d of %d done. When every share is, run: python -m "
+                     "lcseg.predict --finalize %s", this.index, this.count, output)
+    elif complete and parallel.is_main_process() and any(
+            p.suffix.lower() in GEOTIFF_SUFFIXES for p in paths):
+        catalog.finalize(output)
+    return summary
+
+
+def finalize(output_dir: str) -> dict[str, Path]:
+    """``--finalize``: the region's mosaics and catalog, once every share is done.
+
+    Raises:
+      ValueError: a share's run summary is missing or says it stopped before its end.
+    """
+    unfinished = region.unfinished_shares(output_dir)
+    if unfinished:
+        raise ValueError(f"--finalize {output_dir}: not every share is done: "
+                         f"{'; '.join(unfinished)}. Run those shares again (a rerun "
+                         "predicts only what is missing), then --finalize.")
+    return catalog.finalize(output_dir)
 
 
 def main(argv: Sequence[str]) -> None:
-    """Runs the command on the parsed flags; prints the files it wrote."""
+    """Runs the command on the parsed flags; prints what it wrote; exits 75 if stopped by a
+    signal, 1 if a scene failed."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
     with cli.exit_on_bad_input("lcseg.predict"):  # A user's mistake: one line, no traceback.
-        results = run(workdir=FLAGS.workdir, inputs=FLAGS.input, output=FLAGS.output,
-                      checkpoint=FLAGS.checkpoint, tta=FLAGS.tta, overlap=FLAGS.overlap,
-                      window=FLAGS.window, batch=FLAGS.batch,
-                      probabilities=FLAGS.probabilities, bands=FLAGS.bands,
-                      stretch=FLAGS.stretch, polygons=FLAGS.polygons,
-                      polygon_format=FLAGS.polygon_format,
-                      polygon_min_area=FLAGS.polygon_min_area,
-                      loveda_submission=FLAGS.loveda_submission,
-                      data_dir=FLAGS.data_dir)
-    if FLAGS.loveda_submission:
-        print(f"Wrote {FLAGS.loveda_submission} ({len(results)} images)")
-    else:
-        for written in results:
-            print("Wrote " + ", ".join(str(p) for p in written.values()))
+        if FLAGS.finalize:
+            for name, path in finalize(FLAGS.finalize).items():
+                print(f"Wrote {name}: {path}")
+            return
+        # Several processes (a SLURM / Open MPI job, JAX_* variables): each predicts a share.
+        parallel.initialize_multihost()
+        result = run(workdir=FLAGS.workdir, inputs=FLAGS.input, output=FLAGS.output,
+                     checkpoint=FLAGS.checkpoint, tta=FLAGS.tta, overlap=FLAGS.overlap,
+                     window=FLAGS.window, batch=FLAGS.batch,
+                     probabilities=FLAGS.probabilities, bands=FLAGS.bands,
+                     stretch=FLAGS.stretch, polygons=FLAGS.polygons,
+                     polygon_format=FLAGS.polygon_format,
+                     polygon_min_area=FLAGS.polygon_min_area,
+                     loveda_submission=FLAGS.loveda_submission,
+                     data_dir=FLAGS.data_dir, shard=FLAGS.shard,
+                     shard_count=FLAGS.shard_count, fail_fast=FLAGS.fail_fast)
+    if isinstance(result, list):
+        print(f"Wrote {FLAGS.loveda_submission} ({len(result)} images)")
+        return
+    for entry in result.done:
+        print("Wrote " + ", ".join(entry["outputs"]))
+    print(f"{len(result.done)} scene(s) predicted, {len(result.skipped)} already done, "
+          f"{len(result.failed)} failed; summary: {result.path(FLAGS.output)}")
+    if result.stopped:
+        print(f"Stopped by {result.stopped}: run the same command again to go on.",
+              file=sys.stderr)
+        sys.exit(EXIT_STATUS)
+    if result.failed:
+        first = result.failed[0]
+        sys.exit(f"lcseg.predict: error: {len(result.failed)} scene(s) failed, e.g. "
+                 f"{first['scene']}: {first['reason']} (all in {result.path(FLAGS.output)})")
 
 
 if __name__ == "__main__":
