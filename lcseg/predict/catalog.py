@@ -221,12 +221,14 @@ def _probabilities_vrt(scenes: Sequence[SceneOutputs], metadata: DatasetMetadata
                 lines += _source("ComplexSource", file, path.parent, str(band), dataset,
                                  grid, scene, "<UseMaskBand>true</UseMaskBand>")
         lines.append("  </VRTRasterBand>")
-    # The mosaic's mask: every scene's mask (0 where no scene has data).
+    # The mosaic's mask: valid where any scene is (a scene's 0s, with NODATA 0, leave
+    # the scenes under it visible).
     lines += ["  <MaskBand>", '    <VRTRasterBand dataType="Byte">']
     for scene, file in zip(scenes, files):
         with rasterio.open(file) as dataset:
-            lines += ["  " + line for line in _source("SimpleSource", file, path.parent,
-                                                       "mask,1", dataset, grid, scene)]
+            lines += ["  " + line for line in _source("ComplexSource", file, path.parent,
+                                                       "mask,1", dataset, grid, scene,
+                                                       "<NODATA>0</NODATA>")]
     lines += ["    </VRTRasterBand>", "  </MaskBand>", "</VRTDataset>", ""]
     _write_atomically(path, "\n".join(lines))
 
