@@ -1,24 +1,39 @@
-"""Whole-scene prediction speed and peak memory on a LandCover.ai-sized GeoTIFF.
+"""Whole-scene prediction speed: scene megapixels/s, the device's busy share, peak memory.
 
-    python benchmarks/predict.py [--workdir runs/demo] [--height 9000 --width 9500]
-        [--overlaps 0,0.5] [--window N] [--batch N] [--time_limit 480]
+    flock /tmp/lcseg-bench.lock python benchmarks/predict.py [--old /tmp/old]
+        [--size 4096] [--windows 256,512] [--overlap 0.5] [--batch 8]
+        [--demo_size 2048] [--unet_base_size 384 --unet_base_window 128]
+        [--memory_height 0 --memory_width 0]
 
-Writes a 3-band uint8 GeoTIFF of ``height x width`` pixels (tiled, deflate; smooth
-patterns plus noise, generated and written 256 rows at a time, never whole), then predicts
-it with ``lcseg.predict`` once per overlap, each run in a fresh subprocess so that its
-peak resident memory (``ru_maxrss``) is its own. Without ``--workdir`` the demo model
-(configs/unet_synthetic.py) is trained for 30 steps into a temporary workdir first: the
-figures are about the model's size, not its quality.
+Writes a 3-band uint8 deflate GeoTIFF (tiled, smooth patterns plus noise, written 256 rows
+at a time) and predicts it with ``lcseg.predict.predict_file`` (COG classes + colour PNG),
+each measured run in a fresh process (its own compilation and peak resident memory).
+With ``--old DIR`` (e.g. ``git worktree add /tmp/old <commit>``) every setting runs with
+that copy of lcseg too, in the same invocation, so that the two are compared on the same
+machine load. Per setting it prints:
 
-Prints, per overlap: windows, seconds, megapixels of scene per second, the resident
-memory after the model is loaded (JAX, TensorFlow and the parameters) and the peak during
-prediction. A run that passes ``--time_limit`` seconds is stopped; its rate so far and the
-extrapolated full time are printed instead.
+* ``null model``: a 1x1 convolution (3 -> 6 classes) with the whole predictor around it
+  (normalisation, softmax, window weights, blending): end-to-end Mpx/s on this machine,
+  whose CPU is also the "device".
+* ``host ceiling``: the same run with the device's work replayed at no cost (the model
+  call returns a result computed beforehand; in the new code the on-device blending and
+  classification too, replaying the class rows of a real run): what the host (reading,
+  cutting windows, transfers, writing the COG and the PNG) sustains with an infinitely
+  fast device. The old code's model call replays the real output of the scene's first
+  batch for every batch (its host blends and classifies them as usual).
+* ``demo`` (configs/unet_synthetic.py) and ``unet_base`` (random weights: speed does not
+  depend on them): end-to-end Mpx/s. On CPU unet_base runs on a small scene with small
+  windows (``--unet_base_size/_window``): it costs ~20 GFLOP per 128x128 window here.
+
+``busy`` is the device's share of the run: the compiled model call's time on as many
+batches as the scene has, called alone back to back, divided by the whole run's time
+(COG and PNG writing included). ``peak`` is the child's peak resident memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -27,29 +42,9 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Trained workdir; default: train the demo model for "
-                    "30 steps into a temporary one.")
-flags.DEFINE_string("checkpoint", "latest", "Checkpoint of --workdir to use.")
-flags.DEFINE_integer("height", 9000, "Scene height in pixels.")
-flags.DEFINE_integer("width", 9500, "Scene width in pixels.")
-flags.DEFINE_list("overlaps", ["0", "0.5"], "Overlaps to measure, one fresh process each.")
-flags.DEFINE_integer("window", None, "Window side; default the config's eval_tile_size.")
-flags.DEFINE_integer("batch", None, "Windows per batch; default the config's eval_batch_size.")
-flags.DEFINE_integer("time_limit", 480, "Seconds after which a run is stopped and its "
-                     "time extrapolated.")
-flags.DEFINE_string("scratch", None, "Folder for the scene and outputs; default a temporary "
-                    "one (deleted at the end).")
-# Internal: one measured run (what the subprocesses execute).
-flags.DEFINE_string("child_scene", None, "(internal) scene to predict in this process.")
-flags.DEFINE_float("child_overlap", 0.5, "(internal) overlap of the child run.")
-flags.DEFINE_string("child_output", None, "(internal) output folder of the child run.")
-
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BLOCK_ROWS = 256
 
 
@@ -88,119 +83,199 @@ def write_scene(path: str, height: int, width: int, *, seed: int = 0) -> None:
             dataset.write(block, window=rasterio.windows.Window(0, top, width, rows))
 
 
-def train_demo(workdir: str) -> None:
-    """30 steps of the demo config (evaluated and checkpointed at the end)."""
-    command = [sys.executable, os.path.join(REPO_ROOT, "main.py"),
-               "--config", os.path.join(REPO_ROOT, "configs/unet_synthetic.py"),
-               "--workdir", workdir, "--config.num_train_steps=30",
-               "--config.warmup_steps=5", "--config.eval_every_steps=30",
-               "--config.checkpoint_every_steps=30", "--config.log_every_steps=10",
-               "--config.data.workers=0"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"Training the demo model failed:\n{result.stderr[-3000:]}")
+# ---------------------------------------------------------------------------------------
+# One measured run (a child process; imports lcseg from the code root it is given).
+# ---------------------------------------------------------------------------------------
 
 
-def child_run() -> None:
-    """One measured prediction; prints progress lines and a final JSON line."""
+def _predictor(predict, kind: str, window: int, overlap: float, batch: int):
+    """The predictor of a model kind: 'null' (1x1 convolution), 'demo' or 'unet_base'."""
+    if kind == "null":
+        import flax.linen as nn
+
+        from lcseg.data import get_metadata
+
+        class PixelModel(nn.Module):
+            @nn.compact
+            def __call__(self, images, *, train=False):
+                return nn.Conv(6, (1, 1), name="head")(images)
+
+        rng = np.random.default_rng(0)
+        variables = {"params": {"head": {
+            "kernel": rng.normal(0, 3, (1, 1, 3, 6)).astype(np.float32),
+            "bias": rng.normal(0, 1, 6).astype(np.float32)}}}
+        return predict.Predictor(PixelModel(), variables, metadata=get_metadata("synthetic"),
+                                 mean=MEAN, std=STD, window=window, overlap=overlap,
+                                 batch_size=batch)
+    from configs import default, unet_synthetic
+    from lcseg.experiment import Experiment
+
+    config = unet_synthetic.get_config()
+    if kind == "unet_base":
+        config.model = default.get_config().model
+        config.model.name = "unet_base"
+    experiment = Experiment(config)
+    return predict.Predictor.from_experiment(experiment, experiment.init_state(),
+                                             window=window, batch_size=batch,
+                                             overlap=overlap)
+
+
+def _replay_device(predictor, scene_path: str, predict) -> None:
+    """Makes the predictor's device calls free: they return results computed beforehand."""
+    import jax
+
+    first = {}
+    real_apply = predictor._apply
+
+    def record_apply(variables, batch):
+        if "weighted" not in first:
+            first["weighted"] = real_apply(variables, batch)
+        return first["weighted"]
+
+    if not hasattr(predictor, "predict_bands"):  # The old code: host blending.
+        predictor._apply = record_apply
+        return
+    bands, real_finisher = [], predictor._finisher
+
+    def recording_finisher(*key):
+        finish = real_finisher(*key)
+
+        def run(sums, weight_sums):
+            sums, weight_sums, *outputs = finish(sums, weight_sums)
+            bands.append([np.asarray(output).copy() for output in outputs])
+            return sums, weight_sums, *outputs
+        return run
+
+    predictor._finisher = recording_finisher
+    with tempfile.TemporaryDirectory() as scratch:  # The recording run.
+        predict.predict_file(predictor, scene_path, scratch)
+    replay = [[jax.device_put(output) for output in outputs] for outputs in bands]
+    position = iter(range(len(replay)))
+
+    def replay_finisher(*key):
+        def run(sums, weight_sums):
+            return sums, weight_sums, *replay[next(position)]
+        return run
+
+    predictor._apply = record_apply
+    predictor._blend = lambda sums, weight_sums, *args: (sums, weight_sums)
+    predictor._finisher = replay_finisher
+
+
+def child_run(options: dict) -> dict:
+    """One measured prediction in this process; returns its figures."""
+    sys.path.insert(0, options["code_root"])
+    import jax
+
     from lcseg import predict
 
-    class ReportingPredictor(predict.Predictor):
-        """Reports rows done as they finish (so a stopped run can be extrapolated)."""
-
-        def predict_rows(self, scene, *, progress=False):
-            begin = time.perf_counter()
-            for start, rows in super().predict_rows(scene, progress=progress):
-                yield start, rows
-                print(json.dumps({"rows": start + len(rows), "peak_rss_mb": _rss_mb(),
-                                  "seconds": time.perf_counter() - begin}), flush=True)
-
-    started = time.perf_counter()
-    predictor = ReportingPredictor.from_workdir(
-        FLAGS.workdir, checkpoint=FLAGS.checkpoint, window=FLAGS.window,
-        batch_size=FLAGS.batch, overlap=FLAGS.child_overlap)
-    load_seconds = time.perf_counter() - started
+    window, overlap, batch = options["window"], options["overlap"], options["batch"]
+    predictor = _predictor(predict, options["model"], window, overlap, batch)
+    import rasterio
+    with rasterio.open(options["scene"]) as dataset:
+        height, width = dataset.height, dataset.width
+    # Compile (and warm) everything on a few rows of windows of the scene's width.
+    warm = np.zeros((min(height, 2 * window), width, 3), np.uint8)
+    predict.predict_scene(predictor, warm)
+    if options["replay"]:
+        _replay_device(predictor, options["scene"], predict)
     loaded_rss = _rss_mb()
-    started = time.perf_counter()
-    predict.predict_file(predictor, FLAGS.child_scene, FLAGS.child_output)
-    seconds = time.perf_counter() - started
-    print(json.dumps({
-        "done": True, "seconds": seconds, "load_seconds": load_seconds,
-        "loaded_rss_mb": loaded_rss, "peak_rss_mb": _rss_mb(),
-        "windows": predictor.last_stats["windows"],
-        "accumulator_rows": predictor.last_stats["accumulator_rows"],
-        "window": predictor.window, "stride": predictor.stride,
-        "batch": predictor.batch_size}), flush=True)
-
-
-def measure(workdir: str, scene: str, overlap: float, output: str) -> dict:
-    """Runs one prediction in a fresh process; returns its figures (or its progress)."""
-    command = [sys.executable, os.path.abspath(__file__), "--workdir", workdir,
-               "--checkpoint", FLAGS.checkpoint, "--child_scene", scene,
-               "--child_overlap", str(overlap), "--child_output", output]
-    if FLAGS.window:
-        command += ["--window", str(FLAGS.window)]
-    if FLAGS.batch:
-        command += ["--batch", str(FLAGS.batch)]
-    log_path = os.path.join(output + ".log")
-    with open(log_path, "w") as log:  # The child's (verbose) logs, shown if it fails.
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                                   cwd=REPO_ROOT)
-        last, deadline = {}, time.perf_counter() + FLAGS.time_limit
-        for line in process.stdout:
-            if line.startswith("{"):
-                last = json.loads(line)
-            if time.perf_counter() > deadline and not last.get("done"):
-                process.kill()
-                break
-        process.wait()
-    if not last.get("done"):
-        if "rows" not in last:
-            with open(log_path) as log:
-                raise RuntimeError(f"The overlap {overlap} run failed:\n{log.read()[-3000:]}")
-        last["stopped"] = True
-    return last
-
-
-def main(argv):
-    del argv
-    if FLAGS.child_scene:
-        child_run()
-        return
-    with tempfile.TemporaryDirectory() as temporary:
-        scratch = FLAGS.scratch or temporary
-        os.makedirs(scratch, exist_ok=True)
-        workdir = FLAGS.workdir
-        if workdir is None:
-            workdir = os.path.join(scratch, "demo")
-            print("Training the demo model for 30 steps...", flush=True)
-            started = time.perf_counter()
-            train_demo(workdir)
-            print(f"Trained in {time.perf_counter() - started:.0f} s", flush=True)
-        scene = os.path.join(scratch, "scene.tif")
+    with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        write_scene(scene, FLAGS.height, FLAGS.width)
-        megapixels = FLAGS.height * FLAGS.width / 1e6
-        print(f"Scene {FLAGS.width}x{FLAGS.height} ({megapixels:.1f} Mpx, "
-              f"{os.path.getsize(scene) / 2**20:.0f} MB on disk) written in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
-        for overlap in (float(o) for o in FLAGS.overlaps):
-            figures = measure(workdir, scene, overlap, os.path.join(scratch, f"out{overlap}"))
-            if figures.get("stopped"):
-                rate = figures["rows"] * FLAGS.width / figures["seconds"] / 1e6
-                print(f"overlap {overlap}: stopped after {figures['seconds']:.0f} s at row "
-                      f"{figures['rows']}/{FLAGS.height}: {rate:.2f} Mpx/s, full scene "
-                      f"~{megapixels / rate:.0f} s; peak RSS so far "
-                      f"{figures['peak_rss_mb']:.0f} MB", flush=True)
-                continue
-            print(f"overlap {overlap}: window {figures['window']}, stride {figures['stride']}, "
-                  f"batch {figures['batch']}, {figures['windows']} windows: "
-                  f"{figures['seconds']:.1f} s, {megapixels / figures['seconds']:.2f} Mpx/s; "
-                  f"RSS after loading the model {figures['loaded_rss_mb']:.0f} MB, peak "
-                  f"{figures['peak_rss_mb']:.0f} MB (accumulator "
-                  f"{figures['accumulator_rows']} rows); model load "
-                  f"{figures['load_seconds']:.1f} s", flush=True)
+        predict.predict_file(predictor, options["scene"], scratch)
+        seconds = time.perf_counter() - started
+    windows = predictor.last_stats["windows"]
+    busy = None
+    if not options["replay"]:
+        # The compiled model call alone, on as many batches as the scene has.
+        batches = math.ceil(windows / predictor.batch_size)
+        images = jax.device_put(np.random.default_rng(0).integers(
+            0, 256, (predictor.batch_size, window, window, 3), dtype=np.uint8),
+            predictor._batch_sharding)
+        predictor._apply(predictor._variables, images).block_until_ready()
+        started = time.perf_counter()
+        for _ in range(batches):
+            result = predictor._apply(predictor._variables, images)
+        result.block_until_ready()
+        busy = (time.perf_counter() - started) / seconds
+    return {"seconds": seconds, "mpx_s": height * width / seconds / 1e6, "busy": busy,
+            "windows": windows, "loaded_rss_mb": loaded_rss, "peak_rss_mb": _rss_mb()}
+
+
+def measure(**options) -> dict:
+    """Runs ``child_run(options)`` in a fresh process."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(options)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env,
+                            cwd=options["code_root"])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode or not lines:
+        raise RuntimeError(f"Run {options} failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("old", None, "A copy of another lcseg version to compare with "
+                        "(e.g. a git worktree of an older commit).")
+    flags.DEFINE_integer("size", 4096, "Side of the scene of the null-model runs.")
+    flags.DEFINE_list("windows", ["256", "512"], "Window sides of the null-model runs.")
+    flags.DEFINE_float("overlap", 0.5, "Overlap of every run.")
+    flags.DEFINE_integer("batch", 8, "Windows per batch.")
+    flags.DEFINE_integer("demo_size", 2048, "Scene side of the demo-model run (0: skip).")
+    flags.DEFINE_integer("demo_window", 256, "Window of the demo-model run.")
+    flags.DEFINE_integer("unet_base_size", 384, "Scene side of the unet_base run (0: skip).")
+    flags.DEFINE_integer("unet_base_window", 128, "Window of the unet_base run.")
+    flags.DEFINE_integer("memory_height", 0, "Also predict a scene this tall (host "
+                         "ceiling, the window of --windows[-1]) to report peak memory.")
+    flags.DEFINE_integer("memory_width", 0, "... and this wide.")
+    FLAGS = flags.FLAGS
+    FLAGS(sys.argv)
+    codes = [("new", REPO_ROOT)] + ([("old", os.path.abspath(FLAGS.old))] if FLAGS.old else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        scenes = {}
+
+        def scene(height, width):
+            if (height, width) not in scenes:
+                path = os.path.join(scratch, f"scene{height}x{width}.tif")
+                write_scene(path, height, width)
+                scenes[height, width] = path
+            return scenes[height, width]
+
+        settings = []
+        for window in (int(w) for w in FLAGS.windows):
+            for label, model, replay in (("host ceiling", "null", True),
+                                         ("null model", "null", False)):
+                settings.append((label, model, replay, FLAGS.size, FLAGS.size, window))
+        if FLAGS.demo_size:
+            settings.append(("demo", "demo", False, FLAGS.demo_size, FLAGS.demo_size,
+                             FLAGS.demo_window))
+        if FLAGS.unet_base_size:
+            settings.append(("unet_base", "unet_base", False, FLAGS.unet_base_size,
+                             FLAGS.unet_base_size, FLAGS.unet_base_window))
+        if FLAGS.memory_height:
+            settings.append(("host ceiling", "null", True, FLAGS.memory_height,
+                             FLAGS.memory_width, int(FLAGS.windows[-1])))
+        print(f"{'setting':<14} {'scene':>10} {'window':>6} {'code':>4} {'Mpx/s':>7} "
+              f"{'busy':>5} {'s':>6} {'peak MB':>8}", flush=True)
+        for label, model, replay, height, width, window in settings:
+            for code, root in codes:
+                figures = measure(code_root=root, model=model, replay=replay,
+                                  scene=scene(height, width), window=window,
+                                  overlap=FLAGS.overlap, batch=FLAGS.batch)
+                busy = "" if figures["busy"] is None else f"{figures['busy']:.2f}"
+                print(f"{label:<14} {width:>5}x{height:<4} {window:>6} {code:>4} "
+                      f"{figures['mpx_s']:>7.2f} {busy:>5} {figures['seconds']:>6.1f} "
+                      f"{figures['peak_rss_mb']:>8.0f}", flush=True)
+                rows.append({"setting": label, "height": height, "width": width,
+                             "window": window, "code": code, **figures})
+    print(json.dumps(rows))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        print(json.dumps(child_run(json.loads(sys.argv[2]))), flush=True)
+    else:
+        main()

@@ -1,15 +1,19 @@
-"""The files of a predicted scene: GeoTIFF (or PNG) classes, colour PNG, probabilities,
+"""The files of a predicted scene: COG (or PNG) classes, colour PNG, probabilities,
 and optionally one class's regions as polygons (``lcseg.polygons``).
 
 ``predict_file`` predicts one scene file and writes, per input ``<stem>``, the outputs
-described in ``lcseg/predict/__main__.py``, under temporary names renamed when complete.
-GeoTIFF outputs are written in whole blocks of ``BLOCK_SIZE`` rows as the predictor
-finishes them, so memory stays bounded by a band of rows.
+described in ``lcseg/predict/__main__.py``, under temporary names renamed when complete
+(the classes file last). GeoTIFF outputs are written in whole blocks of ``BLOCK_SIZE``
+rows as the predictor finishes them, on a thread of their own, then made cloud-optimised
+(``lcseg.predict.formats``), so memory stays bounded by a band of rows. They carry the
+run's provenance as tags (``read_provenance``).
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -18,14 +22,16 @@ from typing import Any
 
 import numpy as np
 import rasterio
-import rasterio.shutil
 from absl import logging
 from affine import Affine
 from PIL import Image
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from lcseg.data.metadata import IGNORE_COLOUR, DatasetMetadata
 from lcseg.polygons import DRIVERS, PolygonWriter
+from lcseg.predict import formats
+from lcseg.predict.formats import PalettePNG
 from lcseg.predict.predictor import Predictor
 from lcseg.predict.scenes import Scene, open_scene
 from lcseg.provenance import KEY_PREFIX
@@ -35,6 +41,8 @@ PROBABILITY_FORMATS = ("none", "uint8", "float16")
 BLOCK_SIZE = 256
 # GDAL's block cache (MB): a band of tiles is all that is reused.
 GDAL_CACHE_MB = 128
+# Row bands queued for the writing thread (bounded: memory stays a few bands).
+WRITE_BEHIND_BANDS = 3
 # Provenance tags of the GeoTIFF outputs: ``lcseg_<key>`` (lcseg.provenance's KEY_PREFIX
 # with '_' for ':'): GDAL keeps metadata as NAME=VALUE strings and splits NAME at the first
 # ':' as well as '=', so rasterio (and gdalinfo's consumers) would misread 'lcseg:model'.
@@ -95,8 +103,47 @@ def polygon_class(name_or_index: str, metadata: DatasetMetadata) -> int:
                      f"{metadata.num_classes - 1}")
 
 
+class _WriteBehind:
+    """Runs a scene's writes in order on a thread of its own, behind the device (GDAL's
+    compression and zlib release the GIL). An error stops the writes and is raised by
+    the next ``submit`` or by ``join``."""
+
+    def __init__(self, depth: int = WRITE_BEHIND_BANDS):
+        self._tasks: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lcseg-write-behind",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with _gdal_env():
+            while (task := self._tasks.get()) is not None:
+                if self._error is None:
+                    try:
+                        task()
+                    except BaseException as error:  # noqa: BLE001 - raised by the caller.
+                        self._error = error
+
+    def submit(self, task: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._tasks.put(task)
+
+    def join(self, *, check: bool = True) -> None:
+        """Waits for every write; raises the first error unless ``check`` is False."""
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
+        if check and self._error is not None:
+            raise self._error
+
+
 class _Outputs:
-    """The files of one scene, written under temporary names and renamed when complete."""
+    """The files of one scene, written under temporary names and renamed when complete.
+
+    GeoTIFF outputs are written as tiled GeoTIFFs in row blocks, then given overviews and
+    copied into COGs (``formats.cloud_optimise``) when the scene is complete.
+    """
 
     def __init__(self, scene: Scene, output_dir: Path, stem: str, metadata: DatasetMetadata,
                  probabilities: str, polygons: int | None = None,
@@ -111,11 +158,20 @@ class _Outputs:
                       "colour": output_dir / f"{stem}_colour.png"}
         if probabilities != "none":
             self.paths["probabilities"] = output_dir / f"{stem}_probabilities.tif"
+        if scene.geotiff:  # Category names and attribute table, where GDAL and QGIS look.
+            self.paths["class_names"] = Path(f"{self.paths['classes']}.aux.xml")
         self._temporary = {key: path.with_name(f".{path.name}.partial")
                            for key, path in self.paths.items()}
+        # The tiled GeoTIFFs written in row blocks, before they become COGs.
+        self._tiled = {key: path.with_name(f".{path.name}.tiled.partial")
+                       for key, path in self.paths.items() if path.suffix == ".tif"}
         self._datasets: dict[str, Any] = {}
         self._classes: list[np.ndarray] = []  # PNG outputs: the rows, written at the end.
         self._writer = _BlockWriter(self._write_block)
+        self._colour = PalettePNG(self._temporary["colour"], width=scene.width,
+                                  height=scene.height, palette=metadata.palette_array(),
+                                  transparent=(metadata.ignore_label,))
+        self._behind = _WriteBehind()
         self._polygons = None
         if polygons is not None:
             # The polygon writer stages and renames its own file (see lcseg.polygons).
@@ -132,11 +188,10 @@ class _Outputs:
         scene = self.scene
         profile = {"driver": "GTiff", "height": scene.height, "width": scene.width,
                    "count": count, "dtype": dtype, "tiled": True, "blockxsize": BLOCK_SIZE,
-                   "blockysize": BLOCK_SIZE, "compress": "deflate", "BIGTIFF": "IF_SAFER",
-                   **options}
+                   "blockysize": BLOCK_SIZE, "BIGTIFF": "IF_SAFER", **options}
         if scene.geotiff:
             profile.update(crs=scene.crs, transform=scene.transform)
-        dataset = rasterio.open(self._temporary[key], "w", **profile)
+        dataset = rasterio.open(self._tiled[key], "w", **profile)
         if self.tags:
             dataset.update_tags(**self.tags)
         self._datasets[key] = dataset
@@ -145,11 +200,15 @@ class _Outputs:
     def _write_block(self, row: int, block: dict[str, np.ndarray]) -> None:
         if not self._datasets:  # Opened lazily: nothing is created before the first block.
             if self.scene.geotiff:
+                # Not compressed: the COG copy compresses it (a byte per pixel on disk
+                # meanwhile; compressing twice took longer than the rest of the writing).
                 classes = self._open("classes", 1, "uint8", nodata=self.metadata.ignore_label)
                 classes.write_colormap(1, _colour_table(self.metadata))
             if self.probabilities != "none":
                 # GDAL 3.10 has no Float16 type; Float32 with NBITS=16 stores half floats.
                 options = {"NBITS": 16} if self.probabilities == "float16" else {}
+                # Quickly compressed meanwhile: C bytes (or half floats) per pixel.
+                options.update(compress="deflate", zlevel=1)
                 dataset = self._open("probabilities", self.metadata.num_classes,
                                      "float32" if self.probabilities == "float16" else "uint8",
                                      **options)
@@ -164,20 +223,22 @@ class _Outputs:
             if "valid" in block:  # The input's nodata, as the file's own mask.
                 dataset.write_mask(block["valid"], window=window)
 
-    def add(self, start: int, probabilities: np.ndarray) -> None:
-        """Takes the final rows ``start..`` given their probabilities ``[rows, W, C]``."""
-        classes = np.argmax(probabilities, axis=-1).astype(np.uint8)
-        valid = self.scene.valid_rows(start, start + len(probabilities))
+    def add(self, start: int, classes: np.ndarray, probabilities: np.ndarray | None) -> None:
+        """Takes the final rows ``start..``: uint8 classes ``[rows, W]`` and, when the
+        probabilities are written, ``[rows, W, C]`` (uint8, or float32 for float16)."""
+        self._behind.submit(lambda: self._add(start, classes, probabilities))
+
+    def _add(self, start: int, classes: np.ndarray, probabilities: np.ndarray | None) -> None:
+        valid = self.scene.valid_rows(start, start + len(classes))
         if valid is not None:
-            classes[~valid] = self.metadata.ignore_label
+            classes = np.where(valid, classes, np.uint8(self.metadata.ignore_label))
         if not self.scene.geotiff:
             self._classes.append(classes)
         if self._polygons is not None:
             self._polygons.add_rows(start, classes)
+        self._colour.add_rows(classes)
         block = {"classes": classes}
-        if self.probabilities == "uint8":
-            block["probabilities"] = np.round(probabilities * 255.0).astype(np.uint8)
-        elif self.probabilities == "float16":
+        if probabilities is not None:
             block["probabilities"] = probabilities
         if valid is not None:
             block["valid"] = valid
@@ -185,6 +246,7 @@ class _Outputs:
 
     def finish(self) -> dict[str, Path]:
         """Completes every file and renames it to its final name; returns the paths."""
+        self._behind.join()
         if self._polygons is not None:  # First: the rows are all in, and it may refuse.
             self._polygons.close()
             logging.info("%s: %d polygons", self._polygon_path, self._polygons.count)
@@ -192,39 +254,49 @@ class _Outputs:
         for dataset in self._datasets.values():
             dataset.close()
         self._datasets = {}
+        self._colour.close()
+        if "probabilities" in self._tiled:
+            options = {"NBITS": 16} if self.probabilities == "float16" else {}
+            formats.cloud_optimise(self._tiled["probabilities"],
+                                   self._temporary["probabilities"],
+                                   resampling=Resampling.average, **options)
         if self.scene.geotiff:
-            # GDAL's PNG driver streams the copy row by row: bounded memory for any size.
-            # PAM off: no .aux.xml next to the PNG.
-            with rasterio.Env(GDAL_PAM_ENABLED="NO"):
-                rasterio.shutil.copy(self._temporary["classes"], self._temporary["colour"],
-                                     driver="PNG")
+            formats.cloud_optimise(self._tiled["classes"], self._temporary["classes"],
+                                   resampling=formats.CLASS_OVERVIEW_RESAMPLING)
+            formats.write_class_names(self._temporary["class_names"],
+                                      self.metadata.class_names, _colour_table(self.metadata))
         else:
             classes = np.concatenate(self._classes)
             Image.fromarray(classes, mode="L").save(self._temporary["classes"], format="PNG")
-            colour = Image.fromarray(classes, mode="P")
-            colour.putpalette(self.metadata.palette_array().reshape(-1).tolist())
-            colour.save(self._temporary["colour"], format="PNG",
-                        transparency=self.metadata.ignore_label)
+        self._remove(self._tiled.values())
         # The classes file last: its presence means the scene is complete (a rerun skips
         # scenes by it).
         for key in sorted(self.paths, key=lambda key: key == "classes"):
             os.replace(self._temporary[key], self.paths[key])
+        written = {key: path for key, path in self.paths.items() if key != "class_names"}
         if self._polygons is not None:
-            return {**self.paths, "polygons": self._polygon_path}
-        return dict(self.paths)
+            return {**written, "polygons": self._polygon_path}
+        return written
+
+    @staticmethod
+    def _remove(paths: Any) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+            Path(f"{path}.aux.xml").unlink(missing_ok=True)  # GDAL's PAM, if it wrote one.
 
     def abort(self) -> None:
-        """Closes and deletes the temporary files (after a failure)."""
+        """Closes and deletes the temporary files (after a failure or a stop)."""
+        self._behind.join(check=False)
         if self._polygons is not None:
             self._polygons.abort()
+        self._colour.abort()
         for dataset in self._datasets.values():
             try:
                 dataset.close()
             except Exception:  # noqa: BLE001 - cleaning up after the real error.
                 pass
         self._datasets = {}
-        for path in self._temporary.values():
-            path.unlink(missing_ok=True)
+        self._remove([*self._temporary.values(), *self._tiled.values()])
 
 
 def _gdal_env() -> rasterio.Env:
@@ -232,6 +304,9 @@ def _gdal_env() -> rasterio.Env:
     # GDAL's block cache counts towards resident memory; an explicit GDAL_CACHEMAX in the
     # environment wins.
     options = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB}
+    if "GDAL_NUM_THREADS" not in os.environ:
+        # Tiles decompressed (input) and compressed (COGs) on every core.
+        options["GDAL_NUM_THREADS"] = "ALL_CPUS"
     return rasterio.Env(**options)
 
 
@@ -289,12 +364,15 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
         outputs = _Outputs(scene, output_dir, path.stem, predictor.metadata, probabilities,
                            polygon_index, f".{polygon_format}", polygon_min_area,
                            provenance)
+        # float16 files are written from float32 (GDAL's NBITS=16 rounds them).
+        returned = "float32" if probabilities == "float16" else probabilities
         try:
-            for start, rows in predictor.predict_rows(scene, progress=progress):
+            for start, classes, rows in predictor.predict_bands(
+                    scene, probabilities=returned, progress=progress):
                 if should_stop is not None and should_stop():
                     raise PredictionStopped(f"{path}: stopped before row {start}; nothing "
                                             "of it was kept.")
-                outputs.add(start, rows)
+                outputs.add(start, classes, rows)
             written = outputs.finish()
         except BaseException:
             outputs.abort()

@@ -14,13 +14,17 @@ import collections
 import functools
 import math
 import os
+import queue
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from tqdm import tqdm
 
 from lcseg import parallel
@@ -29,6 +33,14 @@ from lcseg.experiment import Experiment, TrainState, compute_dtype, inference_va
 from lcseg.predict import windows
 from lcseg.predict.scenes import Scene, as_scene
 from lcseg.workdir import restore_run
+
+#: Seconds between progress log lines when stderr is not a terminal.
+PROGRESS_SECONDS = 30.0
+#: Window batches prepared ahead of the device.
+READ_AHEAD_BATCHES = 2
+#: Finished row bands left on the device before the host fetches them (the device
+#: works on the next batches meanwhile).
+FETCH_LAG = 2
 
 
 class _RowCache:
@@ -57,60 +69,91 @@ class _RowCache:
         return self.rows[:stop - start]
 
 
-class _RowAccumulator:
-    """Weighted probability sums (float32) for the scene rows windows still cover.
+class _Progress:
+    """Windows done: a tqdm bar on a terminal, else a log line every ``PROGRESS_SECONDS``
+    (windows done, rate, ETA), so that batch jobs' logs show how far a scene is."""
 
-    Holds rows ``start..`` only: ``pop(until)`` normalises and hands out the rows that no
-    later window touches, and drops them.
+    def __init__(self, total: int, name: str, enabled: bool):
+        self.total, self.name, self.done = total, name, 0
+        self._terminal = enabled and sys.stderr.isatty()
+        self._logging = enabled and not self._terminal
+        self._bar = tqdm(total=total, unit="window", desc=name, file=sys.stderr,
+                         leave=False, disable=not self._terminal)
+        self._started = self._logged = time.perf_counter()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        self._bar.update(count)
+        now = time.perf_counter()
+        if self._logging and now - self._logged >= PROGRESS_SECONDS:
+            self._logged = now
+            rate = self.done / max(now - self._started, 1e-9)
+            logging.info("%s: %d/%d windows, %.1f windows/s, ETA %.0f s", self.name,
+                         self.done, self.total, rate, (self.total - self.done) / rate)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _read_ahead(produce: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``produce``'s items, made on a thread of their own up to ``depth`` items ahead
+    (reading and cutting windows overlaps the device; GDAL and numpy copies release the
+    GIL). Errors are raised where the item would have been."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in produce:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((_END, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer.
+            items.put((None, error))
+
+    thread = threading.Thread(target=run, name="lcseg-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # Unblock a producer waiting on a full queue.
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+_END = object()
+
+
+def _reflect_columns(rows: np.ndarray, first: int, stop: int, width: int) -> np.ndarray:
+    """Columns ``first..stop-1`` of ``rows [n, width, 3]``, reflected outside the scene.
+
+    The scene's own columns are one slice and only the padding is gathered: a gather of
+    every column copies 3 bytes at a time, several times slower.
     """
-
-    def __init__(self, height: int, width: int, num_classes: int, weights: np.ndarray):
-        self.height, self.width = height, width
-        self.weights = weights
-        self.start = 0  # first scene row held
-        self.stop = 0  # one past the last row a window has touched
-        self._sums = np.zeros((0, width, num_classes), np.float32)
-        self._weight_sums = np.zeros((0, width), np.float32)
-        self.peak_rows = 0
-
-    def _ensure(self, rows: int) -> None:
-        if rows > len(self._sums):
-            sums = np.zeros((rows, *self._sums.shape[1:]), np.float32)
-            weight_sums = np.zeros((rows, self.width), np.float32)
-            sums[:len(self._sums)] = self._sums
-            weight_sums[:len(self._sums)] = self._weight_sums
-            self._sums, self._weight_sums = sums, weight_sums
-            self.peak_rows = rows
-
-    def add(self, top: int, left: int, weighted: np.ndarray) -> None:
-        size = weighted.shape[0]
-        y0, y1 = max(top, 0), min(top + size, self.height)
-        x0, x1 = max(left, 0), min(left + size, self.width)
-        if y0 < self.start:
-            raise AssertionError(f"window at row {top} touches finished rows (< {self.start})")
-        self._ensure(y1 - self.start)
-        rows = slice(y0 - self.start, y1 - self.start)
-        inside = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
-        self._sums[rows, x0:x1] += weighted[inside]
-        self._weight_sums[rows, x0:x1] += self.weights[inside]
-        self.stop = max(self.stop, y1)
-
-    def pop(self, until: int) -> tuple[int, np.ndarray] | None:
-        """``(first_row, probabilities)`` of the rows before ``until``, or None if none."""
-        start, count = self.start, until - self.start
-        if count <= 0:
-            return None
-        probabilities = self._sums[:count] / self._weight_sums[:count, :, None]
-        held = self.stop - start
-        keep = max(held - count, 0)
-        # Shift the rows still being accumulated to the front (numpy handles the overlap).
-        self._sums[:keep] = self._sums[count:count + keep]
-        self._weight_sums[:keep] = self._weight_sums[count:count + keep]
-        self._sums[keep:held] = 0
-        self._weight_sums[keep:held] = 0
-        self.start = until
-        self.stop = max(self.stop, until)
-        return start, probabilities
+    parts = []
+    if first < 0:
+        parts.append(np.take(rows, windows.reflect_indices(np.arange(first, 0), width), 1))
+    parts.append(rows[:, max(first, 0):min(stop, width)])
+    if stop > width:
+        parts.append(np.take(rows, windows.reflect_indices(np.arange(width, stop), width),
+                             1))
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 class Predictor:
@@ -170,6 +213,12 @@ class Predictor:
         self._apply = jax.jit(function,
                               in_shardings=(parallel.replicated(self.mesh), self._batch_sharding),
                               out_shardings=self._batch_sharding)
+        # The strip accumulators live on the device, whole on each device (replicated):
+        # the windows of a batch are gathered there and added in order.
+        self._strip_sharding = parallel.replicated(self.mesh)
+        self._blend = jax.jit(functools.partial(windows.blend_windows, weights=self.weights),
+                              donate_argnums=(0, 1), out_shardings=self._strip_sharding)
+        self._finishers: dict[tuple, Any] = {}
         self.step: int | None = None
         self.last_stats: dict[str, int] = {}
 
@@ -227,82 +276,165 @@ class Predictor:
         predictor.step = step
         return predictor
 
+    def _new_strip(self, rows: int, columns: int) -> tuple[jax.Array, jax.Array]:
+        """Zeroed strip accumulators ``[rows, columns, C]`` and ``[rows, columns]``."""
+        key = ("zeros", rows, columns)
+        if key not in self._finishers:  # Compiled once per strip shape, like finish_rows.
+            self._finishers[key] = jax.jit(
+                lambda: (jnp.zeros((rows, columns, self.num_classes), jnp.float32),
+                         jnp.zeros((rows, columns), jnp.float32)),
+                out_shardings=(self._strip_sharding, self._strip_sharding))
+        return self._finishers[key]()
+
+    def _finisher(self, rows: int, columns: int, first_column: int, width: int,
+                  probabilities: str) -> Any:
+        """The compiled ``finish_rows`` of a strip shape (one per scene width: cheap to
+        compile, unlike the model's function, which sees every scene's windows alike)."""
+        key = (rows, columns, first_column, width, probabilities)
+        if key not in self._finishers:
+            self._finishers[key] = jax.jit(
+                functools.partial(windows.finish_rows, count=self.stride,
+                                  first_column=first_column, width=width,
+                                  probabilities=probabilities),
+                donate_argnums=(0, 1))
+        return self._finishers[key]
+
     def predict_rows(self, scene: Scene, *, progress: bool = False
                      ) -> Iterator[tuple[int, np.ndarray]]:
         """Predicts ``scene`` top to bottom, yielding rows as soon as they are final.
 
         Args:
           scene: the input.
-          progress: show a progress bar (on a terminal).
+          progress: show progress (a bar on a terminal, else a log line now and then).
 
         Yields:
           ``(first_row, probabilities)``: consecutive bands of rows, float32
           ``[rows, width, C]`` probabilities (the weighted mean over windows and TTA).
         """
+        for start, _, probabilities in self.predict_bands(scene, probabilities="float32",
+                                                          progress=progress):
+            yield start, probabilities
+
+    def _window_batches(self, scene: Scene, cache: _RowCache, tops: np.ndarray,
+                        lefts: np.ndarray) -> Iterator[np.ndarray]:
+        """uint8 ``[batch, w, w, 3]`` batches of the windows, row of windows by row, each
+        left to right; the last batch is padded with zeros."""
         height, width, size = scene.height, scene.width, self.window
-        tops = windows.window_starts(height, size, self.stride, self.margin)
-        lefts = windows.window_starts(width, size, self.stride, self.margin)
-        columns = windows.reflect_indices(np.arange(lefts[0], lefts[-1] + size), width)
+        batch = np.zeros((self.batch_size, size, size, 3), np.uint8)
+        filled = 0
+        for top in tops:
+            rows = windows.reflect_indices(np.arange(top, top + size), height)
+            low, high = int(rows.min()), int(rows.max()) + 1
+            band = cache.get(low, high)
+            if not np.array_equal(rows, np.arange(low, high)):  # Reflected rows.
+                band = band[rows - low]
+            # The whole row of windows' pixels once (reflected columns included); the
+            # windows are slices of it.
+            strip = _reflect_columns(band, int(lefts[0]), int(lefts[-1]) + size, width)
+            for left in lefts:
+                start = left - lefts[0]
+                batch[filled] = strip[:, start:start + size]
+                filled += 1
+                if filled == self.batch_size:
+                    yield batch
+                    # Fresh every time: the device may still read the previous batch.
+                    batch = np.zeros_like(batch)
+                    filled = 0
+        if filled:
+            yield batch
+
+    def predict_bands(self, scene: Scene, *, probabilities: str = "none",
+                      progress: bool = False
+                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """Predicts ``scene`` top to bottom; blending and the argmax happen on the device.
+
+        Windows are summed on the device into a strip of rows as tall as a window plus the
+        strides a batch can span; rows no later window touches are normalised and
+        classified there, and only their classes (and probabilities, when asked for) come
+        back. Input rows are read and cut into windows on a thread of their own, ahead of
+        the device.
+
+        Args:
+          scene: the input.
+          probabilities: ``'none'``, ``'uint8'`` (``round(255 p)``) or ``'float32'``.
+          progress: show progress (a bar on a terminal, else a log line now and then).
+
+        Yields:
+          ``(first_row, classes, probabilities)``: consecutive bands of rows, uint8
+          ``[rows, width]`` class indices (the argmax, whatever the input's nodata) and
+          ``[rows, width, C]`` probabilities (None for ``'none'``).
+        """
+        if probabilities not in ("none", "uint8", "float32"):
+            raise ValueError(f"probabilities must be none, uint8 or float32, got "
+                             f"{probabilities!r}")
+        height, width, size, stride = scene.height, scene.width, self.window, self.stride
+        tops = windows.window_starts(height, size, stride, self.margin)
+        lefts = windows.window_starts(width, size, stride, self.margin)
+        per_row, total = len(lefts), len(tops) * len(lefts)
+        batches = math.ceil(total / self.batch_size)
+        # Rows of windows one batch can reach beyond the first unfinished one.
+        span = max((min((b + 1) * self.batch_size, total) - 1) // per_row
+                   - b * self.batch_size // per_row for b in range(batches))
+        strip_rows = size + stride * span
+        strip_columns = int(lefts[-1] + size - lefts[0])
+        sums, weight_sums = self._new_strip(strip_rows, strip_columns)
+        finish = self._finisher(strip_rows, strip_columns, -int(lefts[0]), width,
+                                probabilities)
         cache = _RowCache(scene)
-        accumulator = _RowAccumulator(height, width, self.num_classes, self.weights)
-        total = len(tops) * len(lefts)
+        status = _Progress(total, os.path.basename(scene.name), progress)
+        pending: collections.deque = collections.deque()
+        next_top = 0  # index into tops of the strip's first row of windows
 
-        def window_images() -> Iterator[tuple[int, int, np.ndarray]]:
-            for top in tops:
-                rows = windows.reflect_indices(np.arange(top, top + size), height)
-                low, high = int(rows.min()), int(rows.max()) + 1
-                strip = cache.get(low, high)[rows - low][:, columns]
-                for left in lefts:
-                    start = left - lefts[0]
-                    yield int(top), int(left), strip[:, start:start + size]
+        def fetch() -> tuple[int, np.ndarray, np.ndarray | None] | None:
+            first, outputs = pending.popleft()
+            arrays = [np.asarray(output) for output in outputs]  # Waits for this band.
+            rows = slice(max(0, -first), min(stride, height - first))
+            if rows.start >= rows.stop:
+                return None
+            classes = arrays[0][rows]
+            return (first + rows.start, classes,
+                    arrays[1][rows] if len(arrays) > 1 else None)
 
-        in_flight: collections.deque = collections.deque()
-        done = 0
-        bar = tqdm(total=total, unit="window", desc=os.path.basename(scene.name),
-                   disable=None if progress else True, file=sys.stderr, leave=False)
-
-        def collect() -> tuple[int, np.ndarray] | None:
-            nonlocal done
-            positions, result = in_flight.popleft()
-            weighted = np.asarray(result)  # Waits for this batch only.
-            if weighted.shape[-1] != self.num_classes:
-                raise ValueError(f"The model gives {weighted.shape[-1]} logits per pixel but "
-                                 f"{self.metadata.name!r} has {self.num_classes} classes.")
-            for (top, left), window_probabilities in zip(positions, weighted):
-                accumulator.add(top, left, window_probabilities)
-            done += len(positions)
-            bar.update(len(positions))
-            # Every window of the rows before the next window's row is in: those rows
-            # are final.
-            next_row = done // len(lefts)
-            final = (height if next_row >= len(tops)
-                     else min(max(int(tops[next_row]), 0), height))
-            return accumulator.pop(final)
-
-        positions, images = [], []
         try:
-            for index, (top, left, image) in enumerate(window_images()):
-                positions.append((top, left))
-                images.append(image)
-                if len(images) < self.batch_size and index < total - 1:
-                    continue
-                # Fresh every time: the device may still read the previous batch's memory.
-                batch = np.zeros((self.batch_size, size, size, 3), np.uint8)
-                batch[:len(images)] = np.stack(images)
-                in_flight.append((positions, self._apply(
-                    self._variables, jax.device_put(batch, self._batch_sharding))))
-                positions, images = [], []
-                # One batch computes while the host accumulates the previous one.
-                while len(in_flight) > 1:
-                    if (rows := collect()) is not None:
-                        yield rows
-            while in_flight:
-                if (rows := collect()) is not None:
-                    yield rows
+            produced = _read_ahead(self._window_batches(scene, cache, tops, lefts),
+                                   READ_AHEAD_BATCHES)
+            for index, batch in enumerate(produced):
+                first = index * self.batch_size
+                ids = np.arange(first, first + self.batch_size)
+                valid = ids < total
+                ids = np.minimum(ids, total - 1)
+                rows = ((ids // per_row - next_top) * stride).astype(np.int32)
+                columns = (lefts[ids % per_row] - lefts[0]).astype(np.int32)
+                weighted = self._apply(self._variables,
+                                       jax.device_put(batch, self._batch_sharding))
+                if weighted.shape[-1] != self.num_classes:
+                    raise ValueError(f"The model gives {weighted.shape[-1]} logits per pixel "
+                                     f"but {self.metadata.name!r} has {self.num_classes} "
+                                     "classes.")
+                sums, weight_sums = self._blend(sums, weight_sums, weighted, rows, columns,
+                                                valid)
+                done = min(first + self.batch_size, total)
+                status.update(done - first)
+                # Every window of the rows of windows before ``done // per_row`` is in:
+                # the rows above the next row of windows are final (after the last row of
+                # windows, every row left).
+                while next_top < done // per_row:
+                    count = 1 if next_top < len(tops) - 1 else math.ceil(
+                        (height - int(tops[next_top])) / stride)
+                    for step in range(count):
+                        sums, weight_sums, *outputs = finish(sums, weight_sums)
+                        pending.append((int(tops[next_top]) + step * stride, outputs))
+                    next_top += 1
+                while len(pending) > FETCH_LAG:
+                    if (rows_out := fetch()) is not None:
+                        yield rows_out
+            while pending:
+                if (rows_out := fetch()) is not None:
+                    yield rows_out
         finally:
-            bar.close()
+            status.close()
         self.last_stats = {
-            "windows": total, "accumulator_rows": accumulator.peak_rows,
+            "windows": total, "accumulator_rows": strip_rows,
             "read_calls": len(cache.reads),
             "rows_read": sum(stop - start for start, stop in cache.reads),
             "max_rows_per_read": max((stop - start for start, stop in cache.reads), default=0)}

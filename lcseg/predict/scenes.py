@@ -170,6 +170,10 @@ class RasterScene(Scene):
         # Computed on the first read, so that opening a scene to check it stays cheap.
         self._stretch = dtypes != {"uint8"}
         self._limits = None
+        # Masks are read through a handle of their own: the predictor reads pixels on one
+        # thread while the outputs read masks on another (a GDAL dataset is not
+        # thread-safe).
+        self._mask_dataset: Any = None
 
     def _percentile_limits(self) -> np.ndarray:
         """Per band (low, high) percentiles of the valid pixels of a decimated read."""
@@ -200,11 +204,16 @@ class RasterScene(Scene):
     def valid_rows(self, start: int, stop: int) -> np.ndarray | None:
         if not self._masked:
             return None
+        if self._mask_dataset is None:
+            self._mask_dataset = rasterio.open(self._dataset.name)
         # Invalid where every band is nodata, or where an internal mask / alpha says so.
-        return self._dataset.dataset_mask(window=Window(0, start, self.width, stop - start)) > 0
+        window = Window(0, start, self.width, stop - start)
+        return self._mask_dataset.dataset_mask(window=window) > 0
 
     def close(self) -> None:
         self._dataset.close()
+        if self._mask_dataset is not None:
+            self._mask_dataset.close()
 
 
 def _png_bit_depth(path: str | os.PathLike) -> int:

@@ -4,7 +4,10 @@ Windows of a fixed side step by a stride over a reflect-padded scene (``window_s
 ``reflect_indices``); each window's softmax probabilities are averaged over the TTA group
 (``tta_transforms``) and multiplied by a smooth, strictly positive weight
 (``window_weights``) on device (``weighted_window_probabilities``), so that blending
-overlapping windows leaves no seams.
+overlapping windows leaves no seams. The blending itself also stays on the device: the
+windows are summed into a strip of rows (``blend_windows``) and the finished rows are
+normalised and classified there (``finish_rows``), so only classes (and the
+probabilities, when asked for) come back to the host.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lcseg.data.pipeline import normalize_images
 
@@ -144,3 +148,66 @@ def weighted_window_probabilities(variables: Any, images: jax.Array, *, model: A
         total = probabilities if total is None else total + probabilities
     # Weighting on device keeps the host's work to one add per window.
     return total * jnp.asarray(weights / len(transforms))[None, :, :, None]
+
+
+def blend_windows(sums: jax.Array, weight_sums: jax.Array, weighted: jax.Array,
+                  rows: jax.Array, columns: jax.Array, valid: jax.Array, *,
+                  weights: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """Adds a batch of weighted windows into the strip accumulators, in batch order.
+
+    Args:
+      sums: float32 ``[R, Wp, C]``: weighted probability sums of a strip of ``R`` rows of
+        the padded scene (``Wp`` columns: every window's full width).
+      weight_sums: float32 ``[R, Wp]``: the sums of the windows' weights.
+      weighted: float32 ``[B, w, w, C]`` (``weighted_window_probabilities``).
+      rows, columns: int32 ``[B]``: each window's first row and column in the strip.
+      valid: bool ``[B]``: False for the padding windows of a last, partial batch.
+      weights: ``window_weights(w)``.
+
+    Returns:
+      The updated ``(sums, weight_sums)``.
+    """
+    size, num_classes = weighted.shape[1], weighted.shape[-1]
+    window_weight = jnp.asarray(weights)
+
+    def add(index, carry):
+        sums, weight_sums = carry
+        row, column, keep = rows[index], columns[index], valid[index]
+        old = lax.dynamic_slice(sums, (row, column, 0), (size, size, num_classes))
+        new = jnp.where(keep, old + weighted[index], old)
+        sums = lax.dynamic_update_slice(sums, new, (row, column, 0))
+        old = lax.dynamic_slice(weight_sums, (row, column), (size, size))
+        new = jnp.where(keep, old + window_weight, old)
+        return sums, lax.dynamic_update_slice(weight_sums, new, (row, column))
+
+    # Windows are added one after another, as a host loop would: the sums (and so the
+    # probabilities) do not depend on how the windows were batched.
+    return lax.fori_loop(0, weighted.shape[0], add, (sums, weight_sums))
+
+
+def finish_rows(sums: jax.Array, weight_sums: jax.Array, *, count: int, first_column: int,
+                width: int, probabilities: str) -> tuple[jax.Array, ...]:
+    """Classifies the strip's first ``count`` rows and shifts them out of the strip.
+
+    Args:
+      sums, weight_sums: the strip accumulators (see ``blend_windows``).
+      count: rows to finish (every window covering them has been added).
+      first_column, width: the scene's columns in the strip.
+      probabilities: what else comes back: ``'none'``, ``'uint8'`` (``round(255 p)``) or
+        ``'float32'``.
+
+    Returns:
+      ``(sums, weight_sums, classes[, probabilities])``: the accumulators with the rows
+      removed (zeros appended), uint8 ``[count, width]`` class indices (argmax of the
+      probabilities) and the probabilities ``[count, width, C]``.
+    """
+    columns = slice(first_column, first_column + width)
+    normalised = sums[:count, columns] / weight_sums[:count, columns, None]
+    classes = jnp.argmax(normalised, axis=-1).astype(jnp.uint8)
+    sums = jnp.concatenate([sums[count:], jnp.zeros_like(sums[:count])])
+    weight_sums = jnp.concatenate([weight_sums[count:], jnp.zeros_like(weight_sums[:count])])
+    if probabilities == "none":
+        return sums, weight_sums, classes
+    if probabilities == "uint8":
+        return sums, weight_sums, classes, jnp.round(normalised * 255.0).astype(jnp.uint8)
+    return sums, weight_sums, classes, normalised
