@@ -94,7 +94,14 @@ class StopSignal:
     current handling (a warning says so). Leaving the block restores the previous ones.
     """
 
-    def __init__(self, extra_signal: str | None = None):
+    def __init__(self, extra_signal: str | None = None, *,
+                 on_stop: str = "finishing this step, then checkpointing it"):
+        """Args:
+          extra_signal: a signal name to handle besides SIGTERM and SIGINT.
+          on_stop: what the program does when asked to stop, for its log lines
+            (``lcseg.predict``: it drops the scene in progress).
+        """
+        self.on_stop = on_stop
         self.signals = list(DEFAULT_SIGNALS)
         extra = parse_signal(extra_signal)
         if extra is not None and extra not in self.signals:
@@ -110,8 +117,8 @@ class StopSignal:
             return self
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
-        logging.info("Stop signals handled: %s (checkpoint the current step, exit with status "
-                     "%d).", ", ".join(s.name for s in self.signals), EXIT_STATUS)
+        logging.info("Stop signals handled: %s (%s, then exit with status %d).",
+                     ", ".join(s.name for s in self.signals), self.on_stop, EXIT_STATUS)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -126,9 +133,9 @@ class StopSignal:
         # A second signal takes the default action: the process ends at once.
         for other in self.signals:
             signal.signal(other, signal.SIG_DFL)
-        logging.warning("Received %s: finishing this step, then checkpointing it and exiting "
-                        "with status %d. Send it again to exit at once (the latest complete "
-                        "checkpoint stays intact).", self.received.name, EXIT_STATUS)
+        logging.warning("Received %s: %s and exiting with status %d. Send it again to exit "
+                        "at once (what is complete stays intact).", self.received.name,
+                        self.on_stop, EXIT_STATUS)
 
     def requested(self) -> bool:
         """Whether any process received a stop signal.

@@ -298,17 +298,25 @@ def test_another_checkpoint_or_tta_predicts_again(workdir, later_checkpoint, sce
 def test_a_corrupt_scene_among_good_ones_fails_the_run_after_the_others(workdir, tmp_path):
     inputs = write_scenes(tmp_path / "in", ["b", "e"])
     data = (inputs / "b.tif").read_bytes()
-    (inputs / "c_corrupt.tif").write_bytes(data[:len(data) // 3])
+    (inputs / "c_corrupt.tif").write_bytes(data[:len(data) // 3])  # tiles missing
+    write_geotiff(inputs / "d_grey.tif", random_image(50, 60)[None, :, :, 0])  # 1 band
     output = tmp_path / "out"
     result = run_python(predict_args(workdir, inputs, output), check=False)
     assert result.returncode == 1, result.stderr[-3000:]
-    assert "1 scene(s) failed" in result.stderr and "c_corrupt.tif" in result.stderr
+    assert "2 scene(s) failed" in result.stderr and "c_corrupt.tif" in result.stderr
     (summary,) = summaries(output).values()
     assert scene_names(summary["done"]) == ["b", "e"]
-    assert [os.path.basename(f["scene"]) for f in summary["failed"]] == ["c_corrupt.tif"]
-    assert summary["failed"][0]["reason"]
+    assert [os.path.basename(f["scene"]) for f in summary["failed"]] == ["c_corrupt.tif",
+                                                                         "d_grey.tif"]
+    assert "RasterioIOError" in summary["failed"][0]["reason"]
+    assert "has 1 band" in summary["failed"][1]["reason"]
     assert (output / "b_classes.tif").is_file() and (output / "e_classes.tif").is_file()
     assert leftovers(output) == []
+    # --fail_fast: the grey scene's header already fails it, before the model is loaded.
+    fast = run_python(predict_args(workdir, inputs, tmp_path / "fast", "--fail_fast"),
+                      check=False)
+    assert fast.returncode == 1 and "d_grey.tif has 1 band" in fast.stderr
+    assert "Traceback" not in fast.stderr and not (tmp_path / "fast").exists()
 
 
 def test_bad_flags_are_refused_before_the_output_folder_exists(tmp_path):
