@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from lcseg import optim
 from lcseg.tracker import upgrade_tracker
@@ -38,12 +39,15 @@ BEST_METRIC = "miou"
 # models; lcseg's parameters are replicated and at most a few hundred MB, so each array
 # is written whole from its first replica instead (by the process that holds it).
 # Otherwise Orbax's default handler: its array metadata store is what restores PRNG keys
-# as keys (Orbax exports no public name for it).
-ocp.type_handlers.register_type_handler(
+# as keys (Orbax exports no public name for it, nor for the registry below).
+# Registered on the registry itself to pass ignore_warnings: register_type_handler would log
+# 'Type handler registry type ... overriding jax.Array' at every import, in every loader
+# worker too, before any log filter exists there.
+type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
     jax.Array,
     ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
                                    array_metadata_store=array_metadata_store.Store()),
-    override=True)
+    override=True, ignore_warnings=True)
 
 
 class Checkpointer:

@@ -13,6 +13,17 @@ absl's ``--verbosity`` (``-v``): ``--verbosity=0`` shows every library's INFO li
 ``--verbosity=1`` debug lines too. Warnings and errors of the libraries, and everything
 lcseg logs itself (progress, metrics, per-class tables, where files went) always show.
 
+Native libraries log before Python can filter anything: TensorFlow (imported by CLU's
+TensorBoard writer and by TFDS, in the training process and in every loader worker)
+prints its oneDNN notice, preceded by C++ absl's "log messages before InitializeLog"
+warning. Importing this module sets, unless ``--verbosity`` is on the command line or the
+user set them, the environment that keeps them quiet (``NATIVE_LOG_ENVIRONMENT``); worker
+processes inherit it. Commands import ``lcseg.cli`` before anything that imports
+TensorFlow.
+
+``Progress`` is lcseg's own progress line (done/total, rate, ETA, a loss), written by
+training and the learning-rate finder whether or not the output is a terminal.
+
 ``exit_on_bad_input`` turns lcseg's bad-input errors (a missing workdir, checkpoint,
 split, config field: FileNotFoundError / ValueError whose message names the file, field
 or value and what to do) into that one line and exit status 1 instead of a traceback;
@@ -27,11 +38,26 @@ import contextlib
 import logging as py_logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# Set before TensorFlow loads (it reads them once): TF is only lcseg's TensorBoard writer
+# here, so its oneDNN CPU kernels (whose notice this turns off) never run lcseg's maths,
+# and its C++ INFO lines say nothing to a user.
+NATIVE_LOG_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "1"}
+
+
+def _verbosity_on_command_line(argv: list[str]) -> bool:
+    return any(arg.startswith(("--verbosity", "-v")) for arg in argv[1:])
+
+
+if not _verbosity_on_command_line(sys.argv):
+    for _name, _value in NATIVE_LOG_ENVIRONMENT.items():
+        os.environ.setdefault(_name, _value)
 
 # Source files (path fragments, '/'-separated) whose records below WARNING are hidden.
 QUIET_SOURCES = (
@@ -47,6 +73,12 @@ HARMLESS_WARNINGS = (
     # evaluate / predict open checkpoints read-only on purpose.
     ("/orbax/", "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0."),
     ("/orbax/", "Given directory is read only=%s"),
+    # Restoring a checkpoint written before Orbax kept a metadata file (evaluate, predict,
+    # resume): it restores all the same.
+    ("/orbax/", "Metadata file does not exist: %s"),
+    # A checkpoint saved between evaluations (a signal, checkpoint_every_steps) has no
+    # mIoU to rank it by; that is why the latest one is kept besides the best.
+    ("/orbax/", "Requested `tracked_metric`; did not provide metrics."),
 )
 
 
@@ -64,6 +96,8 @@ class LibraryNoiseFilter(py_logging.Filter):
 
 
 _FILTER = LibraryNoiseFilter()
+_SHORT_FORMAT = py_logging.Formatter("%(levelname).1s%(asctime)s %(message)s",
+                                     datefmt="%m%d %H:%M:%S")
 
 
 def verbosity_requested() -> bool:
@@ -93,7 +127,68 @@ def quiet_library_logs() -> bool:
                    py_logging.getLogger("jax._src.xla_bridge")):
         if _FILTER not in target.filters:
             target.addFilter(_FILTER)
+    # absl's prefix (microseconds, thread id, file:line) is for debugging; a user reads
+    # the level, the time and the message ('I1207 22:33:42 step 250/1000 ...').
+    logging.get_absl_handler().setFormatter(_SHORT_FORMAT)
     return True
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m'``, ``125`` -> ``'2m05s'``, ``7.3`` -> ``'7s'``."""
+    seconds = max(int(round(seconds)), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+class Progress:
+    """lcseg's own progress line: ``step 250/1000 (25%), 11.2 steps/s, ETA 1m07s, loss 0.41``.
+
+    Logged through absl (so on a terminal, in a log file, under nohup or SLURM alike).
+    The rate is that of the units since the previous line; the ETA divides what is left
+    by the rate since the first line, so time spent between units (evaluations,
+    checkpoints) counts in it.
+
+    Args:
+      total: units of the whole job (the last step, e.g. ``config.num_train_steps``).
+      unit: what is counted ("step", "window", ...).
+      every_seconds: ``due()`` is true this long after the previous line.
+    """
+
+    def __init__(self, total: int, *, unit: str = "step", every_seconds: float = 30.0):
+        self.total = total
+        self.unit = unit
+        self.every_seconds = every_seconds
+        self._first: tuple[int, float] | None = None
+        self._last: tuple[int, float] | None = None
+
+    def due(self) -> bool:
+        """Whether ``every_seconds`` have passed since the previous line (or none was)."""
+        return self._last is None or time.perf_counter() - self._last[1] >= self.every_seconds
+
+    def pause_ended(self) -> None:
+        """Starts the next rate interval now: time since the previous line (an evaluation,
+        a checkpoint) stays out of the units' rate (it still counts in the ETA)."""
+        if self._last is not None:
+            self._last = (self._last[0], time.perf_counter())
+
+    def report(self, done: int, **values: float) -> str:
+        """Logs (and returns) the line for ``done`` units, with ``values`` (e.g. loss=...)."""
+        now = time.perf_counter()
+        parts = [f"{self.unit} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%)"]
+        if self._first is not None and done > self._last[0] and now > self._last[1]:
+            parts.append(f"{(done - self._last[0]) / (now - self._last[1]):.3g} {self.unit}s/s")
+            overall = (done - self._first[0]) / (now - self._first[1])
+            parts.append(f"ETA {format_duration((self.total - done) / overall)}")
+        parts += [f"{name} {value:.4g}" for name, value in values.items()]
+        if self._first is None:
+            self._first = (done, now)
+        self._last = (done, now)
+        line = ", ".join(parts)
+        logging.info("%s", line)
+        return line
 
 
 @contextlib.contextmanager
@@ -155,9 +250,20 @@ def config_flags_parser(program: str) -> Callable[[list[str]], list[str]]:
 
     def parse(argv: list[str]) -> list[str]:
         try:
-            return app.parse_flags_with_usage(argv)
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            # absl's own report (app.parse_flags_with_usage) of a config file that fails to
+            # load, e.g. 'configs/test_hypercolumn.py:3' (a stage it lacks), is a
+            # "FATAL Flags parsing error" holding the file's whole traceback: keep its first
+            # line and the exception's.
+            if _verbosity_on_command_line(argv):
+                return app.parse_flags_with_usage(argv)
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            head = lines[0] if lines else str(error)
+            cause = f" {lines[-1]}" if len(lines) > 1 else ""
+            sys.exit(f"{program}: error: {head}{cause} (--helpshort lists the flags)")
         except (AttributeError, KeyError) as error:
-            if "--verbosity" in " ".join(argv) or any(a.startswith("-v") for a in argv):
+            if _verbosity_on_command_line(argv):
                 raise
             # ml_collections' message: "'nmae'" and perhaps a line 'Did you mean "name"...'.
             # (an AttributeError wrapping a KeyError wrapping that text).

@@ -408,6 +408,12 @@ class Experiment:
             empty_batch=pipeline.empty_batch(config.eval_batch_size, config.eval_tile_size,
                                              ignore))
 
+    def close(self) -> None:
+        """Stops the evaluation loaders' worker processes (they serve every evaluation)."""
+        for loader in self._eval_loaders.values():
+            loader.close()
+        self._eval_loaders.clear()
+
     def predict_panels(self, state: TrainState, examples: list[dict[str, Any]]) -> np.ndarray:
         """``image | truth | prediction`` panels of examples' top-left eval tiles."""
         tile = self.config.eval_tile_size

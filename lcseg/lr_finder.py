@@ -33,6 +33,7 @@ from lcseg.class_weights import resolve_class_weights
 from lcseg.data import open_split, prepare_dataset
 from lcseg.experiment import Experiment
 from lcseg.visualize import offscreen_figure
+from lcseg.workdir import check_folder
 
 FLAGS = flags.FLAGS
 
@@ -106,17 +107,17 @@ def check_arguments(config: ml_collections.ConfigDict, workdir: str, *, where: s
     if divergence <= 1:
         raise ValueError(f"--divergence={divergence:g}: must be above 1 (the loss's "
                          "multiple of its minimum at which the sweep stops).")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as error:  # A file of that name, no permission, ...
-        raise ValueError(f"--workdir {workdir!r} cannot be used as a folder "
-                         f"({error.strerror}); give a folder that can be written to.") from None
+    check_folder(workdir)  # Created only when the sweep starts.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6,
         max_lr: float = 1.0, steps: int = 100, divergence: float = 4.0) -> dict[str, Any]:
-    """Runs the range test and writes the plot; returns the sweep and the suggestion."""
-    os.makedirs(workdir, exist_ok=True)
+    """Runs the range test and writes the plot; returns the sweep and the suggestion.
+
+    ``workdir`` is created only once the data and the model are ready: a run that cannot
+    start leaves nothing behind.
+    """
+    check_folder(workdir)
     dataset = config.dataset
     prepare_dataset(dataset.name, dataset.data_dir, dataset.manual_dir)
     source = open_split(dataset.name, dataset.train_split, dataset.data_dir)
@@ -129,18 +130,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, min_lr: float = 1e-6
                             schedule=sweep)
     batches = experiment.train_iterator(source)
     state = experiment.init_state()
+    os.makedirs(workdir, exist_ok=True)  # The sweep can run: its folder may exist now.
+    progress = cli.Progress(steps, unit="step")
     learning_rates, losses = [], []
-    for step in range(steps):
-        state, metrics = experiment.train_step(
-            state, parallel.shard_batch(next(batches), experiment.mesh))
-        loss = float(metrics["loss"])
-        learning_rates.append(float(sweep(step)))
-        losses.append(loss)
-        smoothed = smooth(np.asarray(losses))
-        if not np.isfinite(loss) or smoothed[-1] > divergence * smoothed.min():
-            logging.info("Loss diverged at lr %.3g (step %d): stopping.", learning_rates[-1],
-                         step)
-            break
+    try:
+        for step in range(steps):
+            state, metrics = experiment.train_step(
+                state, parallel.shard_batch(next(batches), experiment.mesh))
+            loss = float(metrics["loss"])
+            learning_rates.append(float(sweep(step)))
+            losses.append(loss)
+            smoothed = smooth(np.asarray(losses))
+            # On a terminal or not (logs, nohup, SLURM): a line every 10% or 30 s.
+            if step == 0 or (step + 1) % max(steps // 10, 1) == 0 or progress.due():
+                progress.report(step + 1, lr=learning_rates[-1], loss=loss)
+            if not np.isfinite(loss) or smoothed[-1] > divergence * smoothed.min():
+                logging.info("Loss diverged at lr %.3g (step %d): stopping.",
+                             learning_rates[-1], step)
+                break
+    finally:
+        # Stops the loader's worker processes and frees their shared-memory buffers
+        # (left to exit, they leave them to multiprocessing's resource tracker, which
+        # warns of "leaked shared_memory objects").
+        batches.close()
     learning_rates = np.asarray(learning_rates)
     losses = np.asarray(losses)
     finite = np.isfinite(losses)

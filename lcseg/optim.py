@@ -58,7 +58,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
                       for fraction in config.step_boundaries}
         main = optax.piecewise_constant_schedule(peak, boundaries)
     elif config.schedule == "cosine":
-        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1), alpha=end / peak)
+        # alpha is the end as a fraction of the peak: the factor itself (end / peak would
+        # divide by zero for learning_rate=0, a valid debugging run that trains nothing).
+        main = optax.cosine_decay_schedule(peak, max(total - warmup, 1),
+                                           alpha=config.end_learning_rate_factor)
     elif config.schedule == "linear":
         main = optax.linear_schedule(peak, end, max(total - warmup, 1))
     else:
@@ -67,6 +70,23 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
         return main
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warmup), main], boundaries=[warmup])
+
+
+def check_optimizer_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field when the optimiser or schedule cannot be built.
+
+    Called before training starts, so that a typo fails before anything is written.
+    ``learning_rate=0`` is allowed: a debugging run whose parameters never change.
+    """
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown config.optimizer {config.optimizer!r}; valid: {OPTIMIZERS}")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"Unknown config.schedule {config.schedule!r}; valid: {SCHEDULES}")
+    for name in ("learning_rate", "weight_decay", "warmup_steps", "end_learning_rate_factor",
+                 "grad_clip_norm"):
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"config.{name}={value!r} must be a number >= 0.")
 
 
 def parameter_path(key_path: Sequence[Any]) -> str:

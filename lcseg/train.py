@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from flax import traverse_util
 
-from lcseg import checkpoints, parallel, preemption
+from lcseg import checkpoints, cli, optim, parallel, preemption
 from lcseg.class_weights import resolve_class_weights
 from lcseg.data import open_split, prepare_dataset
 from lcseg.data.metadata import DatasetMetadata
@@ -28,7 +28,14 @@ from lcseg.models import summary as model_summary
 from lcseg.models.summary import step_summary
 from lcseg.tracker import check_tracker_config, update_tracker
 from lcseg.visualize import confusion_heatmap
-from lcseg.workdir import SUMMARY_FILE, checkpoint_dir, restore_run, save_config
+from lcseg.workdir import (
+    SUMMARY_FILE,
+    check_config_change,
+    check_folder,
+    checkpoint_dir,
+    restore_run,
+    save_config,
+)
 
 
 def _check_finite(metrics: dict[str, float], step: int, last_saved: int | None,
@@ -98,24 +105,64 @@ def with_workdir_weights(state: TrainState, workdir: str) -> TrainState:
 
 def write_model_summary(workdir: str, config: ml_collections.ConfigDict, state: TrainState,
                         lowered: jax.stages.Lowered, compiled: jax.stages.Compiled) -> None:
-    """Parameters per module, FLOPs and memory per step: to the log and WORKDIR/summary.txt."""
-    lines = [f"Model {config.model.name}", model_summary(state.params, config.frozen)]
+    """Parameters per module, FLOPs and memory per step: WORKDIR/summary.txt, and one line
+    of it to the log."""
     figures = step_summary(lowered, compiled, batch_size=config.batch_size)
-    lines.append(f"Train step (batch {config.batch_size} x {config.crop_size}^2): "
-                 + ", ".join(f"{k} {v:.6g}" for k, v in figures.items()))
+    lines = [f"Model {config.model.name}", model_summary(state.params, config.frozen),
+             f"Train step (batch {config.batch_size} x {config.crop_size}^2): "
+             + ", ".join(f"{k} {v:.6g}" for k, v in figures.items())]
     # lcseg.compare reads this line: a speed is only comparable on the same hardware.
     device = jax.devices()[0]
     lines.append(f"Devices: {jax.device_count()} x {device.device_kind} "
                  f"(platform {device.platform}), processes {jax.process_count()}")
-    text = "\n".join(lines)
-    logging.info("%s", text)
+    path = os.path.join(workdir, SUMMARY_FILE)
     if parallel.is_main_process():
-        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-            f.write(text + "\n")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    logging.info("Model %s: %s parameters, %.3g GFLOP per training image; per module: %s",
+                 config.model.name, f"{parameters:,}",
+                 figures.get("gflops_per_image", float("nan")), path)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for config values that cannot train, before anything is built.
+
+    The checks that need no data, no model and no compilation: they cost milliseconds.
+    """
+    parallel.local_batch_size(config.batch_size)  # An indivisible batch.
+    check_tracker_config(config)  # Fail now, not at the first evaluation.
+    if config.batch_size % config.grad_accum_steps:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                         f"config.grad_accum_steps={config.grad_accum_steps}.")
+    optim.check_optimizer_config(config)
+    preemption.parse_signal(config.preemption_signal)
+    for name in ("num_train_steps", "log_every_steps", "eval_every_steps",
+                 "checkpoint_every_steps"):
+        value = config[name]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{name}={value!r} must be a positive integer.")
+
+
+def _summary_line(state: TrainState, step: int, workdir: str, checkpointer, *,
+                  split: str) -> str:
+    """One line: where training stands, its best score and where its checkpoints are."""
+    best = checkpointer.best_step()
+    scores = (f"best {split} mIoU {float(state.tracker['best_miou']):.4f} (step {best})"
+              if best is not None else "not evaluated yet")
+    return (f"step {step}, {scores}; checkpoints in {checkpoint_dir(workdir)} (latest "
+            f"{checkpointer.latest_step()}, best {best})")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
+
+    Everything that can be checked before training starts is checked before anything
+    is written: the config's values, that ``workdir`` can be a folder, that its earlier
+    run (if any) was trained with a config this one may resume (``lcseg.workdir``), the
+    dataset, the model and its options. A failure there leaves no file behind (a
+    ValueError or FileNotFoundError naming what to fix). ``config.json`` is written
+    once the run starts.
 
     Args:
       config: an experiment config (configs/default.py documents every field).
@@ -124,9 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Returns:
       The final train state.
     """
+    # --- Checks: nothing is written until they pass ------------------------------------
     parallel.initialize_multihost(config.multihost)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     main_process = parallel.is_main_process()
+    check_folder(workdir)
+    check_config(config)
     pretrained = config.model.get("pretrained")
     if pretrained:
         # Pretrained weights expect their own input statistics; recording them in the
@@ -134,17 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         normalisation = pretrained_normalisation(pretrained)
         config.dataset.mean = tuple(normalisation["mean"])
         config.dataset.std = tuple(normalisation["std"])
-    if main_process:
-        os.makedirs(workdir, exist_ok=True)
-        save_config(config, workdir)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not main_process)
-    logging.info("Devices: %d (%s), processes: %d", jax.device_count(),
-                 jax.devices()[0].platform, jax.process_count())
-    parallel.local_batch_size(config.batch_size)  # Fail early on an indivisible batch.
-    check_tracker_config(config)  # Fail now, not at the first evaluation.
-    if config.batch_size % config.grad_accum_steps:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                         f"config.grad_accum_steps={config.grad_accum_steps}.")
+    changes = check_config_change(config, workdir)
 
     # --- Data -------------------------------------------------------------------------
     dataset = config.dataset
@@ -164,18 +204,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      {name: round(float(weight), 4) for name, weight in
                       zip(experiment.metadata.class_names, class_weights)})
     train_iter = experiment.train_iterator(train_source)
-    state = experiment.init_state()
+    state = experiment.init_state()  # Wrong model options fail here, in a second.
 
-    checkpointer = checkpoints.Checkpointer(checkpoint_dir(workdir))
-    last_saved = checkpointer.latest_step()
+    # A workdir with checkpoints exists already: opening its manager creates nothing.
+    checkpointer = None
+    last_saved = None
+    if os.path.isdir(checkpoint_dir(workdir)):
+        checkpointer = checkpoints.Checkpointer(checkpoint_dir(workdir))
+        last_saved = checkpointer.latest_step()
     if last_saved is not None:
-        logging.info("Resuming from the checkpoint of step %d", last_saved)
         state = checkpointer.restore(last_saved, state, train_iter)
+        if int(state.step) >= config.num_train_steps:
+            logging.info("Already finished at %s. Raise --config.num_train_steps to train "
+                         "longer.", _summary_line(state, int(state.step), workdir,
+                                                  checkpointer, split=dataset.eval_split))
+            checkpointer.close()
+            train_iter.close()
+            return state
+        logging.info("Resuming from the checkpoint of step %d", last_saved)
     else:
         if pretrained:
             state = with_pretrained_weights(state, pretrained, experiment.mesh)
         if config.model.get("init_from"):  # Every parameter, the pretrained ones included.
             state = with_workdir_weights(state, config.model.init_from)
+
+    # --- The run starts: its files ---------------------------------------------------------
+    if main_process:
+        os.makedirs(workdir, exist_ok=True)
+        for change in changes:
+            logging.info("Config changed since the last run (allowed on resume): %s", change)
+        save_config(config, workdir)
+    parallel.sync("workdir_ready")
+    if checkpointer is None:
+        checkpointer = checkpoints.Checkpointer(checkpoint_dir(workdir))
+    # TensorBoard only: lcseg's own progress line replaces CLU's logging writer.
+    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+              if main_process else metric_writers.MultiWriter([]))
     initial_step = int(state.step)
     if initial_step == 0 and main_process:
         hparams = {k: str(v) if isinstance(v, (list, tuple)) else v
@@ -183,12 +247,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                    if v is not None}
         writer.write_hparams(hparams)
     normalisation = {"mean": list(config.dataset.mean), "std": list(config.dataset.std)}
+    logging.info("Training %s on %s in %s: steps %d to %d on %d %s device(s), %d process(es)",
+                 config.model.name, dataset.name, workdir, initial_step + 1,
+                 config.num_train_steps, jax.device_count(), jax.devices()[0].platform,
+                 jax.process_count())
 
     # --- Loop ---------------------------------------------------------------------------
-    report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                                      writer=writer)
+    progress = cli.Progress(config.num_train_steps, unit="step")
     compiled_step = None
     step_metrics, input_wait, interval_start = [], 0.0, time.perf_counter()
+    step = initial_step
     # However the loop ends (a divergence included), pending saves finish first: the last
     # good checkpoint is always complete on disk.
     try:
@@ -211,7 +279,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         interval_start = time.perf_counter()
                     state, metrics = compiled_step(state, batch)
                     step_metrics.append(metrics)
-                report_progress(step, time.perf_counter())
                 # At most one step queued behind the running one (the device stays busy): a
                 # stop signal waits for those two, not for every step dispatched ahead.
                 if len(step_metrics) > 1:
@@ -228,10 +295,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     now = time.perf_counter()
                     summary = {f"train/{k}": v for k, v in averaged.items()}
                     summary["timing/step_seconds"] = (now - interval_start) / len(step_metrics)
+                    summary["steps_per_sec"] = len(step_metrics) / max(now - interval_start,
+                                                                       1e-9)
                     # When the input wait nears the step time, the loader is the bottleneck.
                     summary["timing/input_wait_seconds"] = input_wait / len(step_metrics)
                     writer.write_scalars(step, summary)
                     step_metrics, input_wait, interval_start = [], 0.0, now
+                    progress.report(step, loss=averaged["loss"])
+                elif step == initial_step + 1 or progress.due():
+                    # The first step (compilation included) and then at least every
+                    # progress.every_seconds, whatever log_every_steps says.
+                    progress.report(step, loss=float(metrics["loss"]))
 
                 eval_scores, stop_early = None, False
                 if do_eval:
@@ -251,12 +325,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if do_save or stop_early:
                     ranking = ({checkpoints.BEST_METRIC: eval_scores["miou"]}
                                if eval_scores else None)
-                    with report_progress.timed("checkpoint"):
-                        checkpointer.save(step, state, train_iter, metrics=ranking,
-                                          normalisation=normalisation)
+                    checkpointer.save(step, state, train_iter, metrics=ranking,
+                                      normalisation=normalisation)
                     last_saved = step
                 if do_eval or do_save:  # Keep evaluation out of the step timing.
                     interval_start = time.perf_counter()
+                    progress.pause_ended()
                 if stop_early:
                     logging.info("Early stopping at step %d: no better validation mIoU in %d "
                                  "evaluations (best %.4f).", step, patience,
@@ -268,8 +342,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                     "status %d (run again to resume).", step,
                                     preemption.EXIT_STATUS)
                     raise preemption.Preempted(step)
+        checkpointer.wait()
+        logging.info("Finished at %s", _summary_line(state, step, workdir, checkpointer,
+                                                    split=dataset.eval_split))
     finally:
         checkpointer.wait()
         checkpointer.close()
+        # Loader workers stop and free their shared memory now, not at interpreter exit
+        # (where multiprocessing's resource tracker would warn of "leaked" objects).
+        train_iter.close()
+        experiment.close()
     return state
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -21,26 +22,39 @@ from absl import flags
 from lcseg import checkpoints, cli, lr_finder
 from tests.conftest import run_python
 from tests.test_train import tiny_config
+from tests.test_workdir_safety import snapshot
 
-# Library lines a training run printed before lcseg.cli (each checked absent).
+# Library lines a training run printed before lcseg.cli (each checked absent): Orbax's
+# checkpoint internals, TFDS, JAX's backend probe; TensorFlow's oneDNN notice and C++
+# absl's warning (in the training process and every loader worker), Orbax's type-handler
+# override and missing-metadata warnings, CLU's hyperparameter dump and metric lines,
+# multiprocessing's shared-memory warning.
 NOISE = ("CheckpointManagerOptions", "checkpoint_manager.py", "Load dataset info",
          "Unable to initialize backend", "has no dataset_info.json", "async_checkpointer",
-         "atomicity.py")
+         "atomicity.py", "oneDNN", "InitializeLog", "Type handler registry",
+         "Metadata file does not exist", "tracked_metric", "[Hyperparameters]",
+         "logging_writer.py", "Setting work unit notes", "leaked shared_memory")
+MAX_LINE = 160  # Characters of a console line (paths of pytest's folders included).
 
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_data_dir, tmp_path_factory) -> tuple[str, str]:
-    """main.py with configs/test.py for 3 steps (evaluated and checkpointed at 3).
+    """main.py with configs/test.py for 3 steps (evaluated and checkpointed at 3), with a
+    loader worker process (whose start-up printed library lines of its own).
 
     Returns:
       (workdir, everything the run printed).
     """
     workdir = str(tmp_path_factory.mktemp("run"))
-    result = run_python(["main.py", "--config", "configs/test.py", "--workdir", workdir,
-                         f"--config.dataset.data_dir={synthetic_data_dir}",
-                         "--config.num_train_steps=3", "--config.eval_every_steps=3",
-                         "--config.checkpoint_every_steps=3"])
+    result = run_python(_train_args(workdir, synthetic_data_dir))
     return workdir, result.stdout + result.stderr
+
+
+def _train_args(workdir: str, data_dir: str) -> list[str]:
+    return ["main.py", "--config", "configs/test.py", "--workdir", workdir,
+            f"--config.dataset.data_dir={data_dir}", "--config.num_train_steps=3",
+            "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3",
+            "--config.data.workers=1"]
 
 
 def _fails_in_one_line(args: list[str], program: str, *expected: str) -> str:
@@ -65,10 +79,52 @@ def test_training_prints_lcseg_lines_not_library_internals(trained_run):
     workdir, output = trained_run
     for noise in NOISE:
         assert noise not in output, noise
-    # lcseg's own lines: progress, the per-class table, where the checkpoint went.
-    assert "steps/s" in output and "train/loss=" in output
+    lines = output.strip().splitlines()
+    assert all(len(line) <= MAX_LINE for line in lines), max(lines, key=len)
+    # lcseg's own lines: progress from the first step, the per-class table, where the
+    # checkpoint went, and a summary line last.
+    assert " step 1/3 (33%), loss " in output
+    assert re.search(r" step 3/3 \(100%\), [0-9.]+ steps/s, ETA \w+, loss [0-9.]+", output)
     assert "Step 3, validation:" in output and "frequency-weighted IoU" in output
     assert f"Saving the checkpoint of step 3 to {workdir}" in output
+    assert re.search(r" Finished at step 3, best validation mIoU [0-9.]+ \(step 3\); "
+                     rf"checkpoints in {re.escape(workdir)}/checkpoints", lines[-1]), lines[-1]
+
+
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(trained_run,
+                                                              synthetic_data_dir):
+    workdir, _ = trained_run
+    before = snapshot(workdir)
+    result = run_python(_train_args(workdir, synthetic_data_dir))
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and " Already finished at step 3, best validation mIoU" in lines[0]
+    assert "Raise --config.num_train_steps to train longer." in lines[0]
+    assert snapshot(workdir) == before
+
+
+def test_a_changed_config_is_refused_in_one_line(trained_run, synthetic_data_dir):
+    workdir, _ = trained_run
+    before = snapshot(workdir)
+    _fails_in_one_line([*_train_args(workdir, synthetic_data_dir),
+                        "--config.model.channels=(8,16)"], "main.py",
+                       f"{workdir} holds a run trained with another config",
+                       "model.channels [4, 8] there, [8, 16] now", "new --workdir")
+    assert snapshot(workdir) == before  # (the evaluate tests below use it as it was)
+
+
+def test_lr_finder_reports_progress_and_frees_its_workers_shared_memory(synthetic_data_dir,
+                                                                       tmp_path):
+    result = run_python(["-m", "lcseg.lr_finder", "--config", "configs/test.py",
+                         "--workdir", str(tmp_path / "lr"), "--steps=3",
+                         f"--config.dataset.data_dir={synthetic_data_dir}",
+                         "--config.data.workers=1"])
+    output = result.stdout + result.stderr
+    # Not a terminal, and lines all the same. 3 steps end mid-round (2 crops per image):
+    # the round's images were still held, in the worker's shared memory.
+    assert " step 1/3 (33%), lr 1e-06, loss " in output
+    assert " step 3/3 (100%), " in output and "Suggested learning rate" in output
+    for noise in NOISE:
+        assert noise not in output, noise
 
 
 def test_library_noise_filter():
@@ -182,13 +238,14 @@ def test_lr_finder_bad_options(synthetic_data_dir, tmp_path):
                                       **{**options, **bad})
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    with pytest.raises(ValueError, match=rf"--workdir '{a_file}' cannot be used as a folder"):
+    with pytest.raises(ValueError, match=rf"--workdir {a_file}: {a_file} is a file, not a folder"):
         lr_finder.check_arguments(config, str(a_file), where="c.py", **options)
     unknown = tiny_config(synthetic_data_dir, **{"dataset.name": "deepglob"})
     with pytest.raises(SystemExit, match=r"lcseg.lr_finder: error: Unknown dataset "
                                          r"'deepglob' \(config.dataset.name\)"):
         with cli.exit_on_bad_input("lcseg.lr_finder"):
             lr_finder.run(unknown, str(tmp_path / "lr"), steps=2)
+    assert not (tmp_path / "lr").exists()  # Made only once the sweep can run.
 
 
 def test_every_shipped_config_has_every_field():

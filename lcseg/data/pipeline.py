@@ -148,6 +148,16 @@ class _RoundBatchIterator(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         return {"round_start": self._round_start, "crop": self._crop}
 
+    def close(self) -> None:
+        """Stops the loader (its workers too) and lets go of the round being batched.
+
+        With worker processes, the round's arrays live in shared memory until dropped:
+        held to the end of the process they are left to multiprocessing's resource
+        tracker, which unlinks them but warns of "leaked shared_memory objects".
+        """
+        self._round = None
+        super().close()
+
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["round_start"])
         self._round_start = state["round_start"]
@@ -312,6 +322,12 @@ class EvalBatches:
             yield {"image": np.stack(images), "label": np.stack(labels),
                    "image_index": np.asarray(indices, np.int32)}
         self._iterator = iterator
+
+    def close(self) -> None:
+        """Stops the loader's worker processes and frees their shared memory."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
 
 def eval_batches(source: Sequence[dict[str, Any]], *, batch_size: int, tile_size: int,
