@@ -32,6 +32,8 @@ class DatasetMetadata:
       builder: ``"module:Class"`` of the TFDS builder that prepares it.
       needs_manual_dir: whether preparing needs downloaded archives.
       ignore_label: label value excluded from losses and metrics.
+      resolution_cm: ground sampling distance of the published images in cm/px, or None
+        where it varies or is not a fact of the data (exported models record it).
     """
 
     name: str
@@ -40,6 +42,7 @@ class DatasetMetadata:
     builder: str
     needs_manual_dir: bool = True
     ignore_label: int = IGNORE_LABEL
+    resolution_cm: float | None = None
 
     def __post_init__(self):
         if len(self.class_names) != len(self.palette):
@@ -90,6 +93,7 @@ DATASETS: dict[str, DatasetMetadata] = {
             palette=((0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255),
                      (255, 255, 255)),
             builder="datasets.deepglobe.deepglobe_dataset_builder:Builder",
+            resolution_cm=50.0,  # DigitalGlobe RGB at 50 cm/px (Demir et al., 2018).
         ),
         # LoveDA raw mask value v is stored as v - 1; raw 0 (no-data) is ignored.
         DatasetMetadata(
@@ -99,8 +103,10 @@ DATASETS: dict[str, DatasetMetadata] = {
             palette=((255, 255, 255), (255, 0, 0), (255, 255, 0), (0, 0, 255), (159, 129, 183),
                      (0, 255, 0), (255, 195, 128)),
             builder="datasets.loveda.loveda_dataset_builder:Builder",
+            resolution_cm=30.0,  # 0.3 m/px (Wang et al., 2021).
         ),
-        # LandCover.ai publishes no palette; these are the commonly used colours.
+        # LandCover.ai publishes no palette; these are the commonly used colours. Its
+        # orthophotos are at 25 or 50 cm/px: no single resolution.
         DatasetMetadata(
             name="landcoverai",
             class_names=("background", "building", "woodland", "water", "road"),
