@@ -24,6 +24,15 @@ scene's CRS with the affine transform, and written. Memory is thus one block plu
 polygons; a region as large as the scene is held whole until it closes, which is
 inherent in writing it as one polygon.
 
+Formats. GeoJSON follows RFC 7946: coordinates in WGS 84 longitude/latitude (GDAL's
+``RFC7946=YES`` reprojects from the scene's CRS at the conversion below), no ``crs``
+member (the 2008 draft's), exteriors counter-clockwise; a scene without a CRS has
+nothing to reproject from, so its GeoJSON holds pixel coordinates (use ``.gpkg``). The
+GeoPackage keeps the scene's CRS and is written as version ``GPKG_VERSION`` (1.2), which
+every GDAL since 2.2 reads without a warning (GDAL before 3.7, still in QGIS LTR
+installs, reads pyogrio's default 1.4 as "partially supported"); lcseg uses nothing of
+1.3 or 1.4. The ``area`` attribute is in the scene's CRS units squared in both.
+
 Polygons are written in batches (pyogrio, append) to a temporary GeoPackage beside the
 target, renamed over the target only when :meth:`PolygonWriter.close` succeeds; on an
 error the temporary files are removed and an existing target is left as it was. GeoJSON
@@ -56,6 +65,8 @@ _CONVERT_BATCH = 16384
 # file each time) is small, small enough that the batch never dominates memory.
 DEFAULT_BATCH_SIZE = 4096
 FIELDS = ["class_index", "class_name", "area"]
+# GeoPackage version written (GPKG driver's VERSION creation option).
+GPKG_VERSION = "1.2"
 # SQLite files that a GeoPackage may leave beside itself if writing is interrupted.
 _SQLITE_SIDECARS = ("-journal", "-wal", "-shm")
 
@@ -99,7 +110,8 @@ class PolygonWriter:
           transform: the scene's affine transform, pixel (col, row) -> CRS (x, y).
           crs: the scene's CRS (``rasterio.crs.CRS``, ``"EPSG:32633"``, WKT, ...), or
             None for a scene without one (the file then has no CRS; use ``.gpkg``, as
-            readers take a GeoJSON file without one to be WGS 84).
+            readers take a GeoJSON file to be WGS 84). GeoJSON is reprojected from it
+            to WGS 84 longitude/latitude (RFC 7946); a GeoPackage keeps it.
           width: the scene's width in pixels; every block must have it.
           height: the scene's height in pixels, if known: blocks past it are refused and
             :meth:`close` refuses to publish a scene with rows missing.
@@ -310,9 +322,12 @@ class PolygonWriter:
         field_data = [np.full(count, self.class_index, np.int32),
                       np.full(count, self.class_names[self.class_index], object),
                       areas.astype(np.float64)]
+        # The version is the file's (a creation option): given when it is created.
+        options = {} if self._started else {"dataset_options": {"VERSION": GPKG_VERSION}}
         pyogrio.raw.write(self._staging, shapely.to_wkb(geometries), field_data,
                           fields=FIELDS, layer=self.layer, driver="GPKG",
-                          geometry_type="Polygon", crs=self.crs, append=self._started)
+                          geometry_type="Polygon", crs=self.crs, append=self._started,
+                          **options)
         self._started = True
         self.count += count
 
@@ -348,12 +363,17 @@ class PolygonWriter:
         self._closed = True
 
     def _convert(self) -> None:
-        """Copies the staged GeoPackage into the output format, streaming batches."""
+        """Copies the staged GeoPackage into the output format, streaming batches.
+
+        GeoJSON: RFC 7946 (GDAL reprojects to WGS 84 lon/lat, writes no ``crs`` member).
+        """
+        options = ({"layer_options": {"RFC7946": "YES"}}
+                   if self.driver == "GeoJSON" and self.crs is not None else {})
         with pyogrio.raw.open_arrow(self._staging, batch_size=_CONVERT_BATCH) as (meta,
                                                                                  stream):
             pyogrio.raw.write_arrow(stream, self._temporary, driver=self.driver,
                                     layer=self.layer, geometry_name=meta["geometry_name"],
-                                    geometry_type="Polygon", crs=self.crs)
+                                    geometry_type="Polygon", crs=self.crs, **options)
 
     def abort(self) -> None:
         """Discards the output: removes the temporary file, leaves ``path`` untouched."""

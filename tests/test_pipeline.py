@@ -145,6 +145,33 @@ def test_each_image_gives_its_crops_every_epoch_to_batches_of_different_images()
         assert len(positions) > 1
 
 
+@pytest.mark.parametrize("ops", [("random_crop",), ("random_crop", "flips")])
+def test_the_crops_of_one_image_are_at_different_positions(ops):
+    # Each crop's position is read from its pixels (channels 1, 2 hold the row and column:
+    # their minimum is the crop's top-left corner whatever the flips), and the crop must
+    # be the image's window there, up to a flip (numpy slicing as the reference). 8 crops
+    # of 8x8 from a 40x40 image: 33^2 positions, so 8 draws at one position (or in one
+    # row, or one column) happen with probability below 1e-10 if positions are random.
+    crops, size = 8, 8
+    source = coordinate_source(4, 40, 40)
+    iterator = train_iterator(source, batch_size=4, crop_size=size, seed=0,
+                              crops_per_image=crops, augment={"ops": ops})
+    for _ in range(2):  # rounds
+        batches = [next(iterator) for _ in range(crops)]
+        for slot in range(4):
+            image = source[int(batches[0]["image"][slot, 0, 0, 0])]["image"]
+            corners = []
+            for batch in batches:
+                crop = batch["image"][slot]
+                top, left = int(crop[..., 1].min()), int(crop[..., 2].min())
+                window = image[top:top + size, left:left + size]
+                assert any(np.array_equal(crop, flipped) for flipped in
+                           (window, window[::-1], window[:, ::-1], window[::-1, ::-1]))
+                corners.append((top, left))
+            assert len({top for top, _ in corners}) > 1, corners
+            assert len({left for _, left in corners}) > 1, corners
+
+
 def test_crops_cover_every_pixel_of_every_image_over_epochs():
     # 3 x 5 crop positions per image, 200 crops each: a corner (one position) is missed
     # with probability (14/15)**200 ~ 1e-6.
