@@ -260,6 +260,31 @@ def test_stopped_and_killed_runs_resume_to_the_uninterrupted_result(workdir, sce
     assert_same_outputs(output, reference)
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both(workdir, tmp_path):
+    # Two scenes of the same size: each process is in the middle of one.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, name in enumerate(["large0", "large1"]):
+        write_geotiff(inputs / f"{name}.tif",
+                      np.transpose(random_image(1100, 1000, seed=i), (2, 0, 1)))
+    output = tmp_path / "out"
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = [_start(predict_args(workdir, inputs, output), logs[i],
+                        env=dict(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                 JAX_PROCESS_ID=str(i)))
+                 for i in range(2)]
+    _wait_for(lambda: sum(p.name.startswith(".large") for p in output.glob(".*")) >= 2,
+              processes, "both scenes", timeout=240)
+    processes[1].send_signal(signal.SIGTERM)
+    assert _finish(processes, logs) == [75, 75], logs[0].read_text()[-3000:]
+    shares = summaries(output)
+    assert shares[1]["stopped"] == "SIGTERM"
+    assert shares[0]["stopped"] == "SIGTERM (another process)"
+    assert not list(output.glob("*_classes.tif")) and leftovers(output) == []
+
+
 @pytest.fixture(scope="module")
 def later_checkpoint(workdir, synthetic_data_dir, tmp_path_factory):
     """A copy of ``workdir`` trained 3 steps further (latest checkpoint: step 9), with the

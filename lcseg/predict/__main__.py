@@ -297,16 +297,17 @@ def run(*, workdir: str | None, inputs: str | None, output: str | None,
     with StopSignal(config.get("preemption_signal"),
                     on_stop="stopping at the next row block (the scene in progress leaves "
                     "nothing behind)") as stop:
+        should_stop = region.StopCheck(stop, shared=distributed)
         try:
             region.predict_share(
                 predictor, scenes, output, summary=summary, pixels=pixels, failed=failed,
-                fail_fast=fail_fast, should_stop=lambda: stop.received is not None,
+                fail_fast=fail_fast, should_stop=should_stop,
                 probabilities=probabilities, bands=bands, stretch=stretch,
                 polygons=polygons, polygon_format=polygon_format,
                 polygon_min_area=polygon_min_area, progress=progress)
         finally:
-            if stop.received is not None:
-                summary.stopped = stop.received.name
+            if should_stop.reason is not None:
+                summary.stopped = should_stop.reason
             summary_path = summary.write(output)
     logging.info("Run summary: %s", summary_path)
     # Every process meets here (a collective when there are several), stopped or not.

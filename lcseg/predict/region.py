@@ -13,7 +13,8 @@ job array or one multi-process job); each predicts its own share of the input li
 * ``predict_share`` predicts a share scene by scene, skipping scenes whose outputs are
   complete and were made by the same model, checkpoint and options (their provenance
   tags, ``lcseg.provenance``), recording scenes that cannot be read instead of stopping
-  (unless ``fail_fast``), and stopping between row blocks when asked (a stop signal);
+  (unless ``fail_fast``), and stopping between row blocks when asked (``StopCheck``: a
+  stop signal to this process or, under jax.distributed, to any of them);
   ``RunSummary`` is what it did, written as JSON beside the outputs.
 """
 
@@ -24,6 +25,7 @@ import dataclasses
 import datetime
 import heapq
 import json
+import math
 import os
 import socket
 import time
@@ -34,11 +36,13 @@ from typing import Any
 
 import rasterio
 from absl import logging
+from jax._src import distributed as jax_distributed
 from PIL import Image
 
 from lcseg.predict.outputs import PredictionStopped, predict_file, read_provenance
 from lcseg.predict.predictor import Predictor
 from lcseg.predict.scenes import GEOTIFF_SUFFIXES
+from lcseg.preemption import StopSignal
 
 # Run summaries: ``lcseg-run-<index>-of-<count>.json`` in the output folder.
 SUMMARY_PREFIX = "lcseg-run-"
@@ -48,6 +52,12 @@ HEADER_THREADS = 16
 # bands or bit depth, unreadable tile): the scene is recorded as failed and the run goes
 # on. Anything else (a bug, a device failure) ends the run.
 SCENE_ERRORS = (ValueError, OSError, rasterio.errors.RasterioError)
+# With jax.distributed, a stop signal to one process stops them all: it leaves this key in
+# the coordinator's key-value store, which the others read at most once per
+# STOP_POLL_SECONDS between row blocks (a collective there would tie the processes'
+# unequal shares together).
+STOP_KEY = "lcseg_predict_stop"
+STOP_POLL_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +249,57 @@ def is_complete(path: Path, output_dir: Path, record: Mapping[str, str]) -> bool
                                      for key, value in record.items())
 
 
+class StopCheck:
+    """``should_stop`` of a share: True once this process received a stop signal or, with
+    jax.distributed running, once any process did.
+
+    Attributes:
+      reason: why it says stop (``'SIGTERM'``, ``'SIGUSR1 (another process)'``), or None.
+    """
+
+    def __init__(self, stop: StopSignal, *, shared: bool = False):
+        """Args:
+          stop: this process's stop signal handlers (entered).
+          shared: share stop requests with the other jax.distributed processes.
+        """
+        self.stop = stop
+        # JAX has no public API for its key-value store; training's collectives do not fit
+        # processes that run unequal shares.
+        self._client = jax_distributed.global_state.client if shared else None
+        self._announced = False
+        self._remote: str | None = None
+        self._polled = -math.inf
+
+    @property
+    def reason(self) -> str | None:
+        if self.stop.received is not None:
+            return self.stop.received.name
+        return f"{self._remote} (another process)" if self._remote else None
+
+    def __call__(self) -> bool:
+        if self.stop.received is not None:
+            if self._client is not None and not self._announced:
+                self._announced = True
+                try:
+                    self._client.key_value_set(STOP_KEY, self.stop.received.name)
+                except Exception as error:  # noqa: BLE001 - this process stops anyway.
+                    logging.warning("Could not tell the other processes to stop: %s", error)
+            return True
+        if self._client is None or self._remote:
+            return bool(self._remote)
+        now = time.monotonic()
+        if now - self._polled >= STOP_POLL_SECONDS:
+            self._polled = now
+            try:
+                self._remote = self._client.key_value_try_get(STOP_KEY)
+            except Exception:  # noqa: BLE001 - NOT_FOUND: nobody asked to stop.
+                self._remote = None
+            if self._remote:
+                logging.warning("Another process received %s: stopping at the next row "
+                                "block.", self._remote)
+        return bool(self._remote)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -361,6 +422,9 @@ def predict_share(predictor: Predictor, scenes: Sequence[Path], output_dir: str 
     summary.scenes = len(scenes)
     progress = _Progress([pixels.get(path, 0) for path in scenes])
     for path in scenes:
+        if should_stop is not None and should_stop():  # (a signal between two scenes)
+            summary.stopped = "stop signal"
+            break
         size = pixels.get(path, 0)
         if path in failed:
             summary.failed.append({"scene": str(path), "reason": failed[path]})
