@@ -137,6 +137,19 @@ def test_prepares_archives_or_folders(tmp_path, layout):
     assert stored[image_id] == _raw_member(fake, "test", f"images/{image_id}_pre_disaster.png")
 
 
+def test_ids_of_any_digit_count_are_read(tmp_path):
+    # The download's numbers have 8 digits; a copy renumbered with 7 or 9 (or 1) digits
+    # must not lose its images without a word (torchgeo reads them too).
+    ids = {"train": ["hurricane-harvey_0000012", "palu-tsunami_123456789",
+                     "socal-fire_00001226", "santa-rosa-wildfire_1"],
+           "test": ["mexico-earthquake_0000003"]}
+    fake = fake_archives.write_xview2(tmp_path / "manual", as_tar=False, ids=ids)
+    _prepare(tmp_path / "manual", tmp_path / "data")
+    for split, expected in _expected_splits(fake).items():
+        assert sorted(_examples(split, tmp_path / "data")) == sorted(expected), split
+    assert sorted(sum(_expected_splits(fake).values(), [])) == sorted(sum(ids.values(), []))
+
+
 def test_labels_ignore_post_disaster_and_make_every_damage_level_building(tmp_path):
     fake = fake_archives.write_xview2(tmp_path / "manual", folders=("train", "test"))
     image_id = fake.splits["test_archive"][0]

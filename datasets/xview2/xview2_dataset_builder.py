@@ -6,8 +6,9 @@ Reads the xview2.org downloads as they are (``train_images_labels_targets.tar.gz
 extract to (``train/``, ``test/``, ``tier3/``, ``hold/``), from ``manual_dir``. See
 ``datasets/xview2/README.md``.
 
-* The footprint task: pre-disaster images only (``images/<disaster>_<8-digit
-  number>_pre_disaster.png``) with their targets (``targets/<same stem>_target.png``);
+* The footprint task: pre-disaster images only
+  (``images/<disaster>_<number>_pre_disaster.png``; the download's numbers have 8
+  digits, any count is read, as torchgeo's reader does) with their targets (``targets/<same stem>_target.png``);
   label 1 (building) where the target is above 0 (pre-disaster 1, or a damage level
   1..4, or 5 unclassified), 0 (background) elsewhere. Post-disaster files and the
   ``labels/*.json`` are not read. A target value above 5 is an error naming the file.
@@ -71,11 +72,13 @@ set) and put them, or the folders train/, test/, tier3/, hold/ they extract to, 
 manual_dir. See datasets/xview2/README.md.
 """
 
-# <root>images/<disaster>_<8 digits>_pre_disaster.png and its target; <root> is the
-# archive's top folder ('train/') or '' in an extracted folder.
+# <root>images/<disaster>_<number>_pre_disaster.png and its target; <root> is the
+# archive's top folder ('train/') or '' in an extracted folder. The download's numbers
+# have 8 digits; any count is accepted (as torchgeo does), so a renumbered or
+# hand-assembled copy loses no image without a word.
 _PRE_FILE = re.compile(
     r"^(?P<root>(?:[^/]+/)*?)(?P<kind>images|targets)/"
-    r"(?P<id>(?P<disaster>[^/]+)_(?P<number>\d{8}))_pre_disaster(?P<target>_target)?\.png$")
+    r"(?P<id>(?P<disaster>[^/]+)_(?P<number>\d+))_pre_disaster(?P<target>_target)?\.png$")
 
 
 def _hash_key(image_id: str) -> tuple[int, str]:
@@ -120,7 +123,7 @@ def assign_splits(image_ids: Iterable[str]) -> dict[str, str]:
     images are always train and take no part, so adding tier3 moves no train/ image.
 
     Args:
-      image_ids: distinct ids ``<disaster>_<8-digit number>`` of train/'s pre-disaster
+      image_ids: distinct ids ``<disaster>_<number>`` of train/'s pre-disaster
         images, e.g. ``'hurricane-harvey_00000123'``.
 
     Returns:
