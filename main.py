@@ -3,7 +3,8 @@
     python main.py --config configs/unet_synthetic.py --workdir runs/demo
 
 Any config field can be overridden: ``--config.learning_rate=1e-3``; unknown fields are
-errors. Re-running the same command resumes from the workdir's latest checkpoint.
+errors. Re-running the same command resumes from the workdir's latest checkpoint; a
+rerun whose config would change what the checkpoints mean is refused (lcseg/workdir.py).
 Libraries' internal log lines (Orbax, TFDS, JAX backend probes) are hidden unless
 ``--verbosity=0`` (or higher) is given; bad input (a missing config file, an unknown
 config field or dataset, data not prepared) prints one ``main.py: error:`` line, not a
@@ -13,6 +14,8 @@ traceback. See lcseg/cli.py.
 from absl import app, flags
 from ml_collections import config_flags
 
+# lcseg.cli first: it sets the environment that quiets TensorFlow's C++ logging, which
+# must be in place before lcseg.train imports it (through CLU's TensorBoard writer).
 from lcseg import cli, train
 
 FLAGS = flags.FLAGS

@@ -1,7 +1,10 @@
 """Training and evaluation: ``train_and_evaluate(config, workdir)``.
 
-Reads top-down: writers, data, model and state, restore, compiled steps, then the loop
-with its periodic actions (logging, evaluation, checkpointing). The state, the steps and
+Reads top-down: checks (nothing is written before they pass: a run that cannot start,
+or a config that would change what an existing workdir's checkpoints mean, fails in one
+error line and leaves no file), data, model and state, restore, the run's files
+(``config.json``, TensorBoard), then the loop with its periodic actions (lcseg's own
+progress line, evaluation, checkpointing) and a summary line. The state, the steps and
 the evaluation loop are ``lcseg.experiment``'s.
 """
 

@@ -24,7 +24,7 @@ from lcseg.class_weights import resolve_class_weights
 from lcseg.data import open_split, train_class_counts
 from lcseg.data.pipeline import train_iterator
 from lcseg.experiment import Experiment
-from lcseg.workdir import load_config
+from lcseg.workdir import load_config, save_config
 from tests.conftest import REPO_ROOT, TEST_ENV, run_python
 
 
@@ -224,6 +224,9 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(synthetic_
     good = read_params(workdir, 3)
     diverging = tiny_config(synthetic_data_dir, num_train_steps=6, learning_rate=1e30,
                             schedule="constant")
+    # A resume may not change the learning rate (lcseg.workdir): record the diverging
+    # config as the run's own, as if it had been trained with it from the start.
+    save_config(diverging, workdir)
     with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 3\\)"):
         train.train_and_evaluate(diverging, workdir)
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))

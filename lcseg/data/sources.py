@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,10 @@ def prepare_dataset(name: str, data_dir: str | None = None, manual_dir: str | No
             f"--manual_dir DOWNLOADS --data_dir DATA_DIR` or set config.dataset.manual_dir.")
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
+    if not sys.stderr.isatty():
+        # TFDS's progress bars redraw a line in place: in a log file (nohup, SLURM) each
+        # redraw is a line of its own. Its start and end lines still say what happens.
+        tfds.disable_progress_bar()
     # TFDS writes into a temporary folder and renames it when complete, so an
     # interrupted preparation never leaves a half-written dataset behind.
     builder.download_and_prepare(download_config=download_config)
