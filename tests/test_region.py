@@ -267,7 +267,7 @@ def test_a_signal_to_one_process_stops_both(workdir, tmp_path):
     inputs.mkdir()
     for i, name in enumerate(["large0", "large1"]):
         write_geotiff(inputs / f"{name}.tif",
-                      np.transpose(random_image(1100, 1000, seed=i), (2, 0, 1)))
+                      np.transpose(random_image(1600, 1500, seed=i), (2, 0, 1)))
     output = tmp_path / "out"
     address = f"127.0.0.1:{_free_port()}"
     logs = [tmp_path / f"process{i}.log" for i in range(2)]

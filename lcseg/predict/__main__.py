@@ -294,10 +294,10 @@ def run(*, workdir: str | None, inputs: str | None, output: str | None,
                         polygon_format=polygon_format if polygons else "none",
                         polygon_min_area=polygon_min_area if polygons else 0.0)
     summary = region.RunSummary(this, record)
-    with StopSignal(config.get("preemption_signal"),
-                    on_stop="stopping at the next row block (the scene in progress leaves "
-                    "nothing behind)") as stop:
-        should_stop = region.StopCheck(stop, shared=distributed)
+    signals = StopSignal(config.get("preemption_signal"),
+                         on_stop="stopping at the next row block (the scene in progress "
+                         "leaves nothing behind)")
+    with signals as stop, region.StopCheck(stop, shared=distributed) as should_stop:
         try:
             region.predict_share(
                 predictor, scenes, output, summary=summary, pixels=pixels, failed=failed,
