@@ -225,6 +225,30 @@ def test_two_processes_predict_each_scene_once_like_one(workdir, scenes, referen
 
 
 @pytest.mark.slow
+def test_a_job_array_predicts_its_shares_then_finalizes(workdir, scenes, reference,
+                                                        tmp_path):
+    output = tmp_path / "out"
+    # Task 1 of a SLURM array --array=0-1, then share 0 given on the command line.
+    run_python(predict_args(workdir, scenes, output),
+               env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2",
+                    "SLURM_ARRAY_TASK_MIN": "0"})
+    assert not (output / "mosaic_classes.vrt").exists()  # not before every share is done
+    run_python(predict_args(workdir, scenes, output, "--shard=0/2"))
+    paths = sorted(scenes.glob("*.tif"))
+    expected = region.assign_shares(paths, [region.scene_pixels(p) for p in paths], 2)
+    shares = summaries(output)
+    for index in (0, 1):
+        assert shares[index]["shard_count"] == 2
+        assert scene_names(shares[index]["done"]) == sorted(p.stem for p in expected[index])
+    assert_same_outputs(output, reference)
+    result = run_python(["-m", "lcseg.predict", "--finalize", str(output)])
+    assert "mosaic_classes" in result.stdout
+    with rasterio.open(output / "mosaic_classes.vrt") as mosaic, rasterio.open(
+            reference / "mosaic_classes.vrt") as expected_mosaic:
+        np.testing.assert_array_equal(mosaic.read(), expected_mosaic.read())
+
+
+@pytest.mark.slow
 def test_stopped_and_killed_runs_resume_to_the_uninterrupted_result(workdir, scenes,
                                                                     reference, tmp_path):
     output = tmp_path / "out"

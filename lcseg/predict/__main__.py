@@ -313,8 +313,9 @@ def run(*, workdir: str | None, inputs: str | None, output: str | None,
     # Every process meets here (a collective when there are several), stopped or not.
     complete = parallel.all_processes_true(summary.stopped is None)
     if this.count > 1 and not distributed:
-        logging.info("Share %d of %d done. When every share is, run: python -m "
-                     "lcseg.predict --finalize %s", this.index, this.count, output)
+        if summary.stopped is None:
+            logging.info("Share %d of %d done. When every share is, run: python -m "
+                         "lcseg.predict --finalize %s", this.index, this.count, output)
     elif complete and parallel.is_main_process() and any(
             p.suffix.lower() in GEOTIFF_SUFFIXES for p in paths):
         catalog.finalize(output)

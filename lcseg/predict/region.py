@@ -392,11 +392,27 @@ class _Progress:
         self.count = 0
         self.predicted = 0
         self.seconds = 0.0
+        self.skipped = 0  # consecutive skipped scenes not logged yet
 
-    def scene(self, name: str, pixels: int, seconds: float | None, what: str) -> None:
+    def skip(self, pixels: int) -> None:
+        """A scene already done: counted, logged with its neighbours (a rerun of a large
+        region would otherwise log a line per finished scene)."""
         self.count += 1
         self.pixels_left -= pixels
-        if seconds is None:  # skipped or failed
+        self.skipped += 1
+
+    def flush(self) -> None:
+        if self.skipped:
+            logging.info("scenes %d-%d/%d: %d already done (same model and options), "
+                         "skipped", self.count - self.skipped + 1, self.count, self.total,
+                         self.skipped)
+            self.skipped = 0
+
+    def scene(self, name: str, pixels: int, seconds: float | None, what: str) -> None:
+        self.flush()
+        self.count += 1
+        self.pixels_left -= pixels
+        if seconds is None:  # failed
             logging.info("scene %d/%d %s: %s", self.count, self.total, name, what)
             return
         self.predicted += pixels
@@ -448,7 +464,7 @@ def predict_share(predictor: Predictor, scenes: Sequence[Path], output_dir: str 
             progress.scene(str(path), size, None, f"failed: {failed[path]}")
         elif is_complete(path, output_dir, summary.provenance):
             summary.skipped.append({"scene": str(path), "pixels": size})
-            progress.scene(str(path), size, None, "already done (same model and options)")
+            progress.skip(size)
             continue
         else:
             started = time.perf_counter()
@@ -476,6 +492,7 @@ def predict_share(predictor: Predictor, scenes: Sequence[Path], output_dir: str 
         if fail_fast and summary.failed:
             logging.error("--fail_fast: stopping at the first failed scene.")
             break
+    progress.flush()
     return summary
 
 
