@@ -114,6 +114,8 @@ def _predictor(predict, kind: str, window: int, overlap: float, batch: int):
     if kind == "unet_base":
         config.model = default.get_config().model
         config.model.name = "unet_base"
+        for fixed in ("channels", "conv_bias", "convs_per_level", "upsampling"):
+            del config.model[fixed]  # The preset's own.
     experiment = Experiment(config)
     return predict.Predictor.from_experiment(experiment, experiment.init_state(),
                                              window=window, batch_size=batch,

@@ -19,8 +19,10 @@ import pyogrio.raw
 import pytest
 import rasterio
 import rasterio.features
+import rasterio.warp
 import scipy.ndimage
 import shapely
+import shapely.geometry
 from PIL import Image
 
 from lcseg import evaluate, predict, train
@@ -379,11 +381,15 @@ def test_geotiff_in_geotiff_out_with_crs_transform_nodata_and_probabilities(tmp_
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left behind
 
 
-def read_polygons(path):
-    """``(crs, [shapely geometries], {field: values})`` of a polygon file, via GDAL/OGR."""
+def read_polygons(path, to_crs=None):
+    """``(crs, [shapely geometries], {field: values})`` of a polygon file, via GDAL/OGR;
+    with ``to_crs``, the geometries reprojected there by GDAL (rasterio.warp)."""
     meta, _, geometries, fields = pyogrio.raw.read(path)
-    return (meta["crs"], list(shapely.from_wkb(geometries)),
-            dict(zip(meta["fields"], fields)))
+    shapes = list(shapely.from_wkb(geometries))
+    if to_crs is not None:
+        shapes = [shapely.geometry.shape(rasterio.warp.transform_geom(
+            meta["crs"], to_crs, shapely.geometry.mapping(shape))) for shape in shapes]
+    return meta["crs"], shapes, dict(zip(meta["fields"], fields))
 
 
 @pytest.mark.parametrize("polygon_format", ["gpkg", "geojson"])
@@ -402,8 +408,10 @@ def test_polygons_of_a_class_rasterise_back_to_its_predicted_mask(tmp_path, poly
     mask = expected_probabilities(image).argmax(-1) == index
     mask[10:30, 40:90] = False
     assert mask.sum() > 100
-    crs, geometries, fields = read_polygons(written["polygons"])
-    assert rasterio.crs.CRS.from_user_input(crs).to_epsg() == 2180
+    crs, geometries, fields = read_polygons(written["polygons"], to_crs="EPSG:2180")
+    # GeoJSON is WGS 84 longitude/latitude (RFC 7946); GeoPackage keeps the scene's CRS.
+    epsg = 4326 if polygon_format == "geojson" else 2180
+    assert rasterio.crs.CRS.from_user_input(crs).to_epsg() == epsg
     assert set(fields["class_name"]) == {names[index]}
     drawn = rasterio.features.rasterize(geometries, out_shape=mask.shape, transform=TRANSFORM,
                                         fill=0, default_value=1).astype(bool)
@@ -414,9 +422,10 @@ def test_polygons_of_a_class_rasterise_back_to_its_predicted_mask(tmp_path, poly
     # A minimum area (m^2; pixels are 0.25 m) drops the small regions only.
     written = predict.predict_file(predictor, path, tmp_path / "big", polygons=str(index),
                                    polygon_format=polygon_format, polygon_min_area=0.5)
-    _, large, _ = read_polygons(written["polygons"])
+    _, large, _ = read_polygons(written["polygons"], to_crs="EPSG:2180")
     assert 0 < len(large) < len(geometries)
-    assert min(g.area for g in large) >= 0.5
+    # (GeoJSON: coordinates rounded to ~1 cm in degrees, then reprojected back.)
+    assert min(g.area for g in large) >= (0.5 if polygon_format == "gpkg" else 0.45)
     with pytest.raises(ValueError, match="'glacier' is not a class of synthetic"):
         predict.predict_file(predictor, path, tmp_path / "bad", polygons="glacier")
 
@@ -599,7 +608,7 @@ def test_command_line_predicts_a_geotiff_folder(trained_workdir, tmp_path):
     with rasterio.open(output / "sheet_probabilities.tif") as probabilities:
         assert probabilities.count == 6
     crs, geometries, _ = read_polygons(output / "sheet_urban.geojson")
-    assert rasterio.crs.CRS.from_user_input(crs).to_epsg() == 2180
+    assert rasterio.crs.CRS.from_user_input(crs).to_epsg() == 4326  # GeoJSON: RFC 7946
 
     # The same model in-process (4 devices, another batch split) gives the same classes.
     predictor = predict.Predictor.from_workdir(trained_workdir, overlap=0.25, tta="flips")

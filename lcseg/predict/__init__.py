@@ -12,9 +12,12 @@ Package map (each module imports only the ones above it):
                   augmentation; the jitted weighted window probabilities
     scenes.py     scenes read in row bands, with the band and bit-depth policy: GeoTIFF
                   (rasterio), JPEG / PNG (Pillow), arrays; ``--input`` resolution
-    predictor.py  the streaming ``Predictor`` (row cache, row accumulator) and
-                  ``predict_scene`` for images in memory
-    outputs.py    ``predict_file``: GeoTIFF / PNG classes, colour PNG, probabilities
+    predictor.py  the streaming ``Predictor`` (read-ahead of windows, blending and argmax
+                  on the device) and ``predict_scene`` for images in memory
+    formats.py    COGs (overviews, COG copy), class names in the PAM .aux.xml, a
+                  paletted PNG written row by row
+    outputs.py    ``predict_file``: COG / PNG classes, colour PNG, probabilities,
+                  provenance tags, ``read_provenance``
     loveda.py     LoveDA's benchmark submission zip
     __main__.py   the command line (absl flags, ``run``, ``main``)
 

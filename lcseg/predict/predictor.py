@@ -1,10 +1,20 @@
 """The streaming sliding-window predictor.
 
 ``Predictor`` predicts a scene top to bottom in fixed-size window batches (one compiled
-function for scenes of any size, sharded over the local devices) and yields rows as soon
-as every window covering them is in, so memory is bounded by a band of rows, not by the
-scene: ``_RowCache`` keeps the input rows the current band of windows needs and
-``_RowAccumulator`` the weighted probability sums of the rows windows still cover.
+model function for scenes of any size, sharded over the local devices) and yields rows as
+soon as every window covering them is in, so memory is bounded by a band of rows, not by
+the scene. Three stages overlap:
+
+* a read-ahead thread reads the input rows the next windows need (``_RowCache``: rows
+  already read are reused), cuts the windows (reflected at the scene's borders) and
+  stacks them into batches, ``READ_AHEAD_BATCHES`` ahead of the device;
+* the device runs the model, weights the windows and sums them into a strip of rows
+  (``windows.blend_windows``); rows no later window touches are normalised, classified
+  (argmax) and shifted out there (``windows.finish_rows``), so only uint8 classes (and
+  the probabilities when asked for) come back;
+* the caller takes finished row bands ``FETCH_LAG`` bands behind the device (the
+  outputs write them on a thread of their own: ``lcseg.predict.outputs``).
+
 ``predict_scene`` predicts a whole image held in memory.
 """
 

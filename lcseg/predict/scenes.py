@@ -192,13 +192,19 @@ class RasterScene(Scene):
         return limits
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        data = self._dataset.read(self.bands, window=Window(0, start, self.width, stop - start))
-        if self._stretch:
-            if self._limits is None:
-                self._limits = self._percentile_limits()
-            low, high = self._limits[:, 0, None, None], self._limits[:, 1, None, None]
-            scaled = (data.astype(np.float32) - low) / np.maximum(high - low, 1e-12) * 255.0
-            data = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+        window = Window(0, start, self.width, stop - start)
+        if not self._stretch:
+            # Read straight into pixel-interleaved rows (GDAL follows the view's strides):
+            # no band-by-band copy to transpose afterwards.
+            rows = np.empty((stop - start, self.width, 3), np.uint8)
+            self._dataset.read(self.bands, window=window, out=rows.transpose(2, 0, 1))
+            return rows
+        data = self._dataset.read(self.bands, window=window)
+        if self._limits is None:
+            self._limits = self._percentile_limits()
+        low, high = self._limits[:, 0, None, None], self._limits[:, 1, None, None]
+        scaled = (data.astype(np.float32) - low) / np.maximum(high - low, 1e-12) * 255.0
+        data = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.transpose(data, (1, 2, 0)))
 
     def valid_rows(self, start: int, stop: int) -> np.ndarray | None:
