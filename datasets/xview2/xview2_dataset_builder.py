@@ -8,7 +8,8 @@ extract to (``train/``, ``test/``, ``tier3/``, ``hold/``), from ``manual_dir``. 
 
 * The footprint task: pre-disaster images only
   (``images/<disaster>_<number>_pre_disaster.png``; the download's numbers have 8
-  digits, any count is read, as torchgeo's reader does) with their targets (``targets/<same stem>_target.png``);
+  digits, any count is read, as torchgeo's reader does) with their targets
+  (``targets/<same stem>_target.png``);
   label 1 (building) where the target is above 0 (pre-disaster 1, or a damage level
   1..4, or 5 unclassified), 0 (background) elsewhere. Post-disaster files and the
   ``labels/*.json`` are not read. A target value above 5 is an error naming the file.
