@@ -12,16 +12,18 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
 import onnxruntime
+import optax
 import pytest
 
 from configs import test_models
 from datasets.synthetic.synthetic_dataset_builder import generate_scene
 from lcseg import export, predict, provenance, train
 from lcseg.data import get_metadata
-from lcseg.experiment import Experiment, compute_dtype, inference_variables
+from lcseg.experiment import Experiment, TrainState, compute_dtype, inference_variables
 from lcseg.workdir import load_config
 from tests.conftest import run_python
 from tests.test_train import tiny_config
@@ -66,25 +68,39 @@ def decided(probabilities, gap=1e-5):
 
 
 def inference_ready_state(experiment, seed=0):
-    """An initialised state with BatchNorm statistics and EMA parameters of its own.
+    """A train state with random parameters, BatchNorm statistics and EMA parameters.
 
-    Fresh statistics (mean 0, variance 1) would hide a BatchNorm exported in training
-    mode or without its statistics; EMA parameters that differ from the parameters catch
-    an export of the wrong ones.
+    Drawn in numpy from the model's variable shapes (``jax.eval_shape``: nothing is
+    compiled, which on this CPU is most of an initialisation's time). Statistics other
+    than the fresh ones (mean 0, variance 1) catch a BatchNorm exported in training mode
+    or without its statistics; EMA parameters that differ from the parameters catch an
+    export of the wrong ones.
     """
-    state = experiment.init_state()
+    config = experiment.config
+    size = config.eval_tile_size
+    shapes = jax.eval_shape(lambda: experiment.model.init(
+        jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
     rng = np.random.default_rng(seed)
 
-    def statistic(path, x):
-        x = np.asarray(x)
-        if path[-1].key == "mean":
-            return rng.normal(0.0, 0.3, x.shape).astype(x.dtype)
-        return rng.uniform(0.5, 2.0, x.shape).astype(x.dtype)
+    def draw(path, leaf):
+        name, shape = path[-1].key, leaf.shape
+        if name == "mean":
+            return rng.normal(0.0, 0.3, shape).astype(np.float32)
+        if name == "var":
+            return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+        if name == "kernel":  # He-like scale keeps activations of order one
+            fan_in = max(1, int(np.prod(shape[:-1])))
+            return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
+        if name == "scale":
+            return (1.0 + rng.normal(0.0, 0.1, shape)).astype(np.float32)
+        return rng.normal(0.0, 0.1, shape).astype(np.float32)
 
-    batch_stats = jax.tree_util.tree_map_with_path(statistic, state.batch_stats)
-    ema = jax.tree.map(lambda p: np.asarray(p) * rng.uniform(0.8, 1.2, np.shape(p))
-                       .astype(np.float32), state.params)
-    return state.replace(batch_stats=batch_stats, ema_params=ema)
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
+    ema = jax.tree.map(lambda p: p * rng.uniform(0.8, 1.2, p.shape).astype(np.float32),
+                       variables["params"])
+    return TrainState.create(apply_fn=experiment.model.apply, params=variables["params"],
+                             tx=optax.identity(), batch_stats=variables.get("batch_stats", {}),
+                             rng=jax.random.key(seed), ema_params=ema, tracker={})
 
 
 # ---------------------------------------------------------------------------------------
