@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 
 import flax.linen as nn
 import numpy as np
@@ -215,3 +216,22 @@ def test_progress_is_logged_when_stderr_is_not_a_terminal(monkeypatch, caplog):
     total = predictor.last_stats["windows"]
     assert f"/{total} windows" in lines[-1] and "ETA" in lines[-1]
     assert len([r for r in caplog.records[:quiet] if "windows/s" in r.getMessage()]) == 0
+
+
+def test_a_read_error_midway_leaves_nothing_and_no_thread(tmp_path, monkeypatch):
+    image = random_image(400, 120, seed=16)
+    path = write_geotiff(tmp_path / "sheet.tif", np.transpose(image, (2, 0, 1)))
+    real_read = predict.RasterScene.read_rows
+
+    def failing_read(self, start, stop):
+        if start > 150:  # A corrupt block, after some rows were written.
+            raise ValueError(f"{self.name}: corrupt block at row {start}")
+        return real_read(self, start, stop)
+
+    monkeypatch.setattr(predict.RasterScene, "read_rows", failing_read)
+    with pytest.raises(ValueError, match="corrupt block"):
+        predict.predict_file(make_predictor(window=32), path, tmp_path / "out",
+                             probabilities="uint8")
+    assert os.listdir(tmp_path / "out") == []
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("lcseg-")]
+    assert alive == []

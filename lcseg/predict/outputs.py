@@ -366,15 +366,16 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
                            provenance)
         # float16 files are written from float32 (GDAL's NBITS=16 rounds them).
         returned = "float32" if probabilities == "float16" else probabilities
+        bands = predictor.predict_bands(scene, probabilities=returned, progress=progress)
         try:
-            for start, classes, rows in predictor.predict_bands(
-                    scene, probabilities=returned, progress=progress):
+            for start, classes, rows in bands:
                 if should_stop is not None and should_stop():
                     raise PredictionStopped(f"{path}: stopped before row {start}; nothing "
                                             "of it was kept.")
                 outputs.add(start, classes, rows)
             written = outputs.finish()
         except BaseException:
+            bands.close()  # Now, not when the traceback goes: stops the reading thread.
             outputs.abort()
             raise
     seconds = time.perf_counter() - started

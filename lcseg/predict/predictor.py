@@ -112,20 +112,24 @@ def _read_ahead(produce: Iterator[Any], depth: int) -> Iterator[Any]:
     items: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: Any, error: BaseException | None = None) -> bool:
+        """Queues an item unless the consumer has gone; False if it has."""
+        while not stop.is_set():
+            try:
+                items.put((item, error), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
         try:
             for item in produce:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            items.put((_END, None))
+            offer(_END)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer.
-            items.put((None, error))
+            offer(None, error)
 
     thread = threading.Thread(target=run, name="lcseg-read-ahead", daemon=True)
     thread.start()
