@@ -7,7 +7,8 @@ The graph is the checkpoint's inference function (its EMA parameters where the r
 them, BatchNorm in inference mode), with the run's input normalisation before it and the
 softmax after it, computed in float32 whatever precision the run trained in.
 
-Input/output contract (QGIS's Deepness plugin's: it feeds RGB tiles scaled to [0, 1]):
+Input/output contract (QGIS's Deepness plugin's, checked in its source: it feeds RGB tiles
+scaled to [0, 1], NCHW, and reads per-class probabilities):
 
     input  'image':          float32 [N, 3, tile, tile], RGB, pixel / 255 (values in [0, 1])
     output 'probabilities':  float32 [N, C, tile, tile], softmax over the C classes
@@ -19,12 +20,12 @@ be a multiple of the model's stride (``model_stride``): lcseg's models reflect-p
 sizes at the bottom and right, which a runtime would silently see as a different model at
 the tile's border.
 
-Metadata (ONNX ``metadata_props``, all strings): Deepness's keys (``model_type``
-'Segmentor', ``class_names`` as JSON ``{"0": name, ...}``, ``resolution`` in cm/px where
-the dataset's is known, ``tiles_size``, ``tiles_overlap`` in percent, ``seg_thresh``,
-``seg_small_segment``) and lcseg's own under ``lcseg:`` (``lcseg.provenance``: version,
-model, dataset, config hash, checkpoint step, export options; plus ``class_colours`` and
-the contract above).
+Metadata (ONNX ``metadata_props``, all strings, Deepness's as JSON values since it parses
+them with ``json.loads``): Deepness's keys (``model_type`` '"Segmentor"', ``class_names``
+``{"0": name, ...}``, ``resolution`` in cm/px where the dataset's is known, ``tile_size``
+and ``tiles_size``, ``tiles_overlap`` in percent, ``seg_thresh``, ``seg_small_segment``)
+and lcseg's own under ``lcseg:`` (``lcseg.provenance``: version, model, dataset, config
+hash, checkpoint step, export options; plus ``class_colours`` and the contract above).
 
 Converter: jax2onnx (jaxpr -> ONNX, opset ``OPSET``). TensorFlow's route does not work
 with this JAX: ``jax2tf`` serialises natively only (one ``XlaCallModule`` op holding
@@ -142,9 +143,12 @@ def metadata_props(config: ml_collections.ConfigDict, *, step: int | None, tile:
       ``{key: value}``, every value a string.
     """
     metadata = get_metadata(config.dataset.name)
+    # Deepness parses every value with json.loads (its model_base.py): strings quoted.
     props = {
-        "model_type": "Segmentor",
+        "model_type": json.dumps("Segmentor"),
         "class_names": json.dumps({str(i): n for i, n in enumerate(metadata.class_names)}),
+        # Deepness's code reads 'tile_size', its documentation names 'tiles_size'.
+        "tile_size": str(tile),
         "tiles_size": str(tile),
         "tiles_overlap": str(TILES_OVERLAP_PERCENT),
         # 0: every pixel gets its most probable class, as lcseg.predict's maps do.

@@ -211,11 +211,15 @@ def test_metadata_read_back_with_onnx(trained_workdir, workdir_model):
     props = {p.key: p.value for p in onnx.load(workdir_model).metadata_props}
     config = load_config(trained_workdir)
     metadata = get_metadata("synthetic")
-    assert props["model_type"] == "Segmentor"
-    assert json.loads(props["class_names"]) == {str(i): name for i, name in
-                                                enumerate(metadata.class_names)}
-    assert props["tiles_size"] == str(config.eval_tile_size)
-    assert 0 <= int(props["tiles_overlap"]) < 100 and float(props["seg_thresh"]) == 0.0
+    # Deepness parses each of its keys with json.loads.
+    deepness = {key: json.loads(props[key]) for key in (
+        "model_type", "class_names", "tile_size", "tiles_size", "tiles_overlap", "seg_thresh",
+        "seg_small_segment")}
+    assert deepness["model_type"] == "Segmentor"
+    assert deepness["class_names"] == {str(i): name for i, name in
+                                       enumerate(metadata.class_names)}
+    assert deepness["tile_size"] == deepness["tiles_size"] == config.eval_tile_size
+    assert 0 <= deepness["tiles_overlap"] < 100 and deepness["seg_thresh"] == 0.0
     prefix = provenance.KEY_PREFIX
     assert props[prefix + "version"] == provenance.lcseg_version()
     assert props[prefix + "model"] == "unet" and props[prefix + "dataset"] == "synthetic"
