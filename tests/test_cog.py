@@ -131,10 +131,14 @@ def test_a_stop_between_row_blocks_leaves_nothing_and_classes_are_renamed_last(
         asked.append(True)
         return len(asked) > 3
 
-    with pytest.raises(predict.PredictionStopped):
+    with pytest.raises(predict.PredictionStopped) as stopped:
         predict.predict_file(predictor, path, tmp_path / "stopped", probabilities="uint8",
                              should_stop=should_stop)
     assert len(asked) == 4 and os.listdir(tmp_path / "stopped") == []
+    # The reading and writing threads are gone, not waiting for the next rows, while the
+    # caller still holds the exception (and so predict_file's frame).
+    assert [t.name for t in threading.enumerate() if t.name.startswith("lcseg-")] == []
+    assert stopped.traceback
 
     renamed = []
     real_replace = os.replace
