@@ -16,8 +16,9 @@ import ml_collections
 
 import lcseg
 
-#: Prefix of lcseg's keys wherever outputs hold free-form metadata (GeoTIFF tags, STAC
-#: properties, ONNX ``metadata_props``).
+#: Prefix of lcseg's keys where outputs hold free-form metadata beside others' (STAC
+#: properties, ONNX ``metadata_props``). GeoTIFF tags use ``lcseg_`` instead
+#: (``lcseg.predict.outputs.TAG_PREFIX``): GDAL splits metadata names at ':'.
 KEY_PREFIX = "lcseg:"
 
 

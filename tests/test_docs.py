@@ -39,4 +39,5 @@ def test_the_readme_keeps_its_two_commands():
             " && python main.py --config configs/unet_synthetic.py --workdir runs/demo"
             in readme)
     assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -r "
-            "requirements-dev.txt && python -m pytest -q" in readme)
+            "requirements-dev.txt && pip install --no-deps -r requirements-export.txt && "
+            "python -m pytest -q" in readme)

@@ -31,20 +31,26 @@ How a scene is predicted (``Predictor``):
   (windowed reads; rows already read are reused by the next band of windows), only the
   rows that windows still cover are accumulated, and finished rows are written out in
   whole 256-row blocks. Predicting a 9000x9500 LandCover.ai-sized sheet with the demo
-  model peaks at about 1.2 GB resident, 0.7 GB of which is the loaded runtime and model
+  model peaks at about 1.4 GB resident on a CPU, 0.7 GB of which is the loaded runtime
+  and model; the COG's overviews are built from the written file, not from memory
   (``benchmarks/predict.py``).
 
 Outputs, per input ``<stem>`` (written under temporary names, renamed when complete):
 
 * GeoTIFF input: ``<stem>_classes.tif``, one uint8 band of class indices with the input's
   CRS and transform, nodata 255 (pixels the input marks as nodata, e.g. nodata in every
-  band, an internal mask or alpha 0), tiled, deflate, with the dataset palette as colour
-  table; ``<stem>_colour.png``, the same classes as a paletted PNG in the dataset palette
-  (nodata transparent). JPEG / PNG input: ``<stem>_classes.png`` (8-bit grey, the class
-  indices) and ``<stem>_colour.png``.
+  band, an internal mask or alpha 0), a cloud-optimised GeoTIFF (COG: tiled, deflate,
+  internal overviews by nearest neighbour), with the dataset palette as colour table, the
+  class names in ``<stem>_classes.tif.aux.xml`` (category names and a raster attribute
+  table, which gdalinfo and QGIS read) and the provenance tags ``lcseg_<key>`` (lcseg
+  version, model, checkpoint step, config hash, window, overlap, TTA, ...: what a rerun
+  compares to skip finished scenes); ``<stem>_colour.png``, the same classes as a
+  paletted PNG in the dataset palette (nodata transparent). JPEG / PNG input:
+  ``<stem>_classes.png`` (8-bit grey, the class indices) and ``<stem>_colour.png``.
 * ``--probabilities uint8``: ``<stem>_probabilities.tif``, one band per class (named
   after it), ``round(255 * p)``; ``float16``: half-precision floats (GDAL's Float32 with
-  NBITS=16, read back as float32). Input nodata is carried as the file's mask.
+  NBITS=16, read back as float32), a COG with average overviews. Input nodata is carried
+  as the file's mask.
 * ``--polygons CLASS`` (a class name or index, e.g. ``building``): ``<stem>_<class>.gpkg``
   (``--polygon_format geojson``: ``.geojson``), the class's 4-connected regions as
   polygons with their holes, in the scene's CRS (pixel coordinates for JPEG / PNG), with
