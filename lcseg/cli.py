@@ -65,6 +65,7 @@ QUIET_SOURCES = (
     "/tensorflow_datasets/",  # "Load dataset info from ...", builder internals.
     "/jax/_src/xla_bridge.py",  # "Unable to initialize backend 'tpu'" and other probes.
     "/grain/",  # Worker start-up and iterator internals.
+    "/jax2onnx/",  # lcseg.export: a 600-character dump of the converter's parameters.
 )
 # (source fragment, message format string) of warnings that mean nothing to a user.
 HARMLESS_WARNINGS = (

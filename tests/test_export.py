@@ -204,6 +204,9 @@ def workdir_model(trained_workdir, tmp_path_factory):
     result = run_python(["-m", "lcseg.export", "--workdir", trained_workdir, "--output", path,
                          "--batch", "dynamic"])
     assert "Wrote" in result.stdout
+    # The console holds lcseg's lines only (issue 24): not the converter's parameter dump.
+    assert "Converting JAX function" not in result.stderr
+    assert all(len(line) <= 160 for line in (result.stdout + result.stderr).splitlines())
     return path
 
 
