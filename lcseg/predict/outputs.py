@@ -11,6 +11,7 @@ run's provenance as tags (``read_provenance``).
 
 from __future__ import annotations
 
+import datetime
 import os
 import queue
 import threading
@@ -152,6 +153,11 @@ class _Outputs:
         self.scene, self.metadata = scene, metadata
         self.tags = {f"{TAG_PREFIX}{key}": str(value)
                      for key, value in (provenance or {}).items()}
+        if provenance is not None:
+            # When the map was made (UTC). Not part of the record a rerun compares
+            # (lcseg.predict.region.is_complete): the same model and options made it.
+            self.tags[f"{TAG_PREFIX}time"] = datetime.datetime.now(datetime.UTC).isoformat(
+                timespec="seconds")
         self.probabilities = probabilities
         suffix = ".tif" if scene.geotiff else ".png"
         self.paths = {"classes": output_dir / f"{stem}_classes{suffix}",
