@@ -76,13 +76,8 @@ def measure(kind: str, tile: int) -> dict[str, float]:
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     inputs = {"image": (images / np.float32(255)).astype(np.float32).transpose(0, 3, 1, 2)}
     session.run(None, inputs)  # warm-up
-    timings = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        for _ in range(FLAGS.steps):
-            session.run(None, inputs)
-        timings.append((time.perf_counter() - start) / FLAGS.steps)
-    onnx_seconds = float(np.median(timings))
+    onnx_seconds = median_seconds_per_step(lambda: session.run(None, inputs), FLAGS.steps,
+                                           FLAGS.repeats)
     return {"export_s": export_seconds, "mib": len(data) / 2**20,
             "nodes": len(model.graph.node),
             "lcseg": FLAGS.batch / lcseg_seconds, "onnxruntime": FLAGS.batch / onnx_seconds}

@@ -8,6 +8,7 @@ made by the same model with the same options (``lcseg.predict`` skips those).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from typing import Any
@@ -25,6 +26,11 @@ KEY_PREFIX = "lcseg:"
 def lcseg_version() -> str:
     """lcseg's version (``lcseg.__version__``, the one home of the package's version)."""
     return lcseg.__version__
+
+
+def utc_now() -> str:
+    """The current time as lcseg's outputs record it: ISO 8601, UTC, whole seconds."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def config_hash(config: ml_collections.ConfigDict | dict[str, Any]) -> str:

@@ -202,16 +202,21 @@ def test_unreadable_scenes_are_reported_and_the_others_done(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+def _start_two_processes(args, tmp_path):
+    """The same predict command as processes 0 and 1 of a jax.distributed job on localhost."""
+    address = f"127.0.0.1:{_free_port()}"
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = [_start(args, logs[i], env=dict(JAX_COORDINATOR_ADDRESS=address,
+                                                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+                 for i in range(2)]
+    return processes, logs
+
+
 @pytest.mark.slow
 def test_two_processes_predict_each_scene_once_like_one(workdir, scenes, reference,
                                                         tmp_path):
     output = tmp_path / "out"
-    address = f"127.0.0.1:{_free_port()}"
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    processes = [_start(predict_args(workdir, scenes, output), logs[i],
-                        env=dict(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                 JAX_PROCESS_ID=str(i)))
-                 for i in range(2)]
+    processes, logs = _start_two_processes(predict_args(workdir, scenes, output), tmp_path)
     assert _finish(processes, logs, timeout=300) == [0, 0], logs[0].read_text()[-3000:]
     shares = summaries(output)
     assert sorted(shares) == [0, 1]
@@ -293,12 +298,7 @@ def test_a_signal_to_one_process_stops_both(workdir, tmp_path):
         write_geotiff(inputs / f"{name}.tif",
                       np.transpose(random_image(1600, 1500, seed=i), (2, 0, 1)))
     output = tmp_path / "out"
-    address = f"127.0.0.1:{_free_port()}"
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    processes = [_start(predict_args(workdir, inputs, output), logs[i],
-                        env=dict(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                 JAX_PROCESS_ID=str(i)))
-                 for i in range(2)]
+    processes, logs = _start_two_processes(predict_args(workdir, inputs, output), tmp_path)
     _wait_for(lambda: sum(p.name.startswith(".large") for p in output.glob(".*")) >= 2,
               processes, "both scenes", timeout=240)
     processes[1].send_signal(signal.SIGTERM)

@@ -11,7 +11,6 @@ run's provenance as tags (``read_provenance``).
 
 from __future__ import annotations
 
-import datetime
 import os
 import queue
 import threading
@@ -35,7 +34,7 @@ from lcseg.predict import formats
 from lcseg.predict.formats import PalettePNG
 from lcseg.predict.predictor import Predictor
 from lcseg.predict.scenes import Scene, open_scene
-from lcseg.provenance import KEY_PREFIX
+from lcseg.provenance import KEY_PREFIX, utc_now
 
 PROBABILITY_FORMATS = ("none", "uint8", "float16")
 # Rows per GeoTIFF write: a multiple of the tile height, so each tile is written once.
@@ -156,8 +155,7 @@ class _Outputs:
         if provenance is not None:
             # When the map was made (UTC). Not part of the record a rerun compares
             # (lcseg.predict.region.is_complete): the same model and options made it.
-            self.tags[f"{TAG_PREFIX}time"] = datetime.datetime.now(datetime.UTC).isoformat(
-                timespec="seconds")
+            self.tags[f"{TAG_PREFIX}time"] = utc_now()
         self.probabilities = probabilities
         suffix = ".tif" if scene.geotiff else ".png"
         self.paths = {"classes": output_dir / f"{stem}_classes{suffix}",

@@ -44,6 +44,7 @@ from lcseg.predict.outputs import PredictionStopped, predict_file, read_provenan
 from lcseg.predict.predictor import Predictor
 from lcseg.predict.scenes import GEOTIFF_SUFFIXES
 from lcseg.preemption import StopSignal
+from lcseg.provenance import utc_now
 
 # Run summaries: ``lcseg-run-<index>-of-<count>.json`` in the output folder.
 SUMMARY_PREFIX = "lcseg-run-"
@@ -317,10 +318,6 @@ class StopCheck:
         return self.reason is not None
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
 @dataclasses.dataclass
 class RunSummary:
     """What one process did with its share (``write`` saves it as JSON).
@@ -342,7 +339,7 @@ class RunSummary:
     skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     failed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stopped: str | None = None
-    started: str = dataclasses.field(default_factory=_now)
+    started: str = dataclasses.field(default_factory=utc_now)
     _start_time: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -352,7 +349,7 @@ class RunSummary:
         return {
             "shard": self.shard.index, "shard_count": self.shard.count,
             "shard_source": self.shard.source, "host": socket.gethostname(),
-            "pid": os.getpid(), "started": self.started, "finished": _now(),
+            "pid": os.getpid(), "started": self.started, "finished": utc_now(),
             "seconds": round(seconds, 3), "scenes": self.scenes,
             "complete": self.stopped is None and not self.failed,
             "stopped": self.stopped,
